@@ -226,6 +226,6 @@ def _describe(source: str, err: dict) -> str:
     if err["type"] == "extra_forbidden":
         message = "unknown field (check the spelling)"
     got = err.get("input")
-    if err["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list)):
+    if err["type"] not in ("extra_forbidden", "missing", "value_error") and not isinstance(got, (dict, list)):
         message += f" (got {got!r})"
     return f"{source}: {path or '<top>'}: {message}"

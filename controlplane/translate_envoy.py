@@ -1,0 +1,446 @@
+"""Translate the mesh model into Envoy resources (CDS, EDS, LDS, RDS). Pure functions, no I/O.
+
+The shape, and why:
+- One EDS cluster per model version. Canary weights are RDS ``weighted_clusters`` over those
+  clusters, so the split holds even when the ext_proc is down (fail-open) or bypassed.
+- Each cluster balances with ``override_host``: the ext_proc writes its ranked host list
+  (``ip:port,ip:port``) into dynamic metadata ``envoy.lb/x-imesh-endpoint``; Envoy takes the first
+  listed host that belongs to the cluster it chose, and falls back to least-request when the
+  list is absent. Clients cannot forge dynamic metadata.
+- Routes match the internal header ``x-imesh-model`` that only the ext_proc sets (client copies
+  are stripped first by a header_mutation filter), then, for fail-open, the client's own
+  ``x-model-id`` and the KServe v2 path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    extension_pb2,
+    health_check_pb2,
+    protocol_pb2,
+    substitution_format_string_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
+from envoy.type.metadata.v3 import metadata_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+
+from controlplane.mesh_model import MeshModel, ModelModel, VersionModel
+
+LISTENER_NAME = "imesh_http"
+ROUTE_CONFIG_NAME = "imesh_routes"
+EXTPROC_CLUSTER = "imesh_extproc"
+LB_METADATA_NAMESPACE = "envoy.lb"
+LB_METADATA_KEY = "x-imesh-endpoint"
+MODEL_HEADER = "x-imesh-model"
+VERSION_HEADER = "x-imesh-version"
+HOST_METADATA_NAMESPACE = "imesh"
+INTERNAL_HEADER_PREFIX = "x-imesh-"
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    listener_host: str = "127.0.0.1"
+    listener_port: int = 8080
+    extproc_cluster: str = EXTPROC_CLUSTER
+    extproc_timeout_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class EnvoyResources:
+    clusters: dict[str, cluster_pb2.Cluster]
+    endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment]
+    listeners: dict[str, listener_pb2.Listener]
+    routes: dict[str, route_pb2.RouteConfiguration]
+
+
+def translate(model: MeshModel, options: EnvoyOptions = EnvoyOptions()) -> EnvoyResources:
+    versions = [v for m in model.models for v in m.versions]
+    return EnvoyResources(
+        clusters={v.cluster: translate_cluster(v) for v in versions},
+        endpoints={v.cluster: translate_endpoints(v) for v in versions},
+        listeners={LISTENER_NAME: translate_listener(model, options)},
+        routes={ROUTE_CONFIG_NAME: translate_routes(model)},
+    )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _any(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _extension(name: str, message) -> extension_pb2.TypedExtensionConfig:
+    return extension_pb2.TypedExtensionConfig(name=name, typed_config=_any(message))
+
+
+def _seconds(value: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(value * 1e9))
+    return duration
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(), resource_api_version="V3")
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def error_body(status_type: str, message: str, code: str) -> str:
+    """The OpenAI error envelope every error the mesh itself returns uses."""
+    return json.dumps({"error": {"type": status_type, "message": message, "code": code}})
+
+
+# ---------------------------------------------------------------- CDS / EDS
+
+
+def translate_cluster(version: VersionModel) -> cluster_pb2.Cluster:
+    override_host = override_host_pb2.OverrideHost(
+        override_host_sources=[
+            override_host_pb2.OverrideHost.OverrideHostSource(
+                metadata=metadata_pb2.MetadataKey(
+                    key=LB_METADATA_NAMESPACE, path=[metadata_pb2.MetadataKey.PathSegment(key=LB_METADATA_KEY)]
+                )
+            )
+        ],
+        fallback_policy=cluster_pb2.LoadBalancingPolicy(
+            policies=[
+                cluster_pb2.LoadBalancingPolicy.Policy(
+                    typed_extension_config=_extension(
+                        "envoy.load_balancing_policies.least_request", least_request_pb2.LeastRequest()
+                    )
+                )
+            ]
+        ),
+    )
+    # Replicas queue work themselves; Envoy's default of 1024 pending requests would shed first.
+    unbounded = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        max_connections=wrappers_pb2.UInt32Value(value=100_000),
+        max_pending_requests=wrappers_pb2.UInt32Value(value=100_000),
+        max_requests=wrappers_pb2.UInt32Value(value=100_000),
+        max_retries=wrappers_pb2.UInt32Value(value=1_000),
+    )
+    protocol = http_protocol_options_pb2.HttpProtocolOptions(
+        # gRPC (KServe v2) clients reach replicas over h2, HTTP/1.1 clients over HTTP/1.1.
+        use_downstream_protocol_config=http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
+        )
+    )
+    return cluster_pb2.Cluster(
+        name=version.cluster,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=_seconds(1.0),
+        load_balancing_policy=cluster_pb2.LoadBalancingPolicy(
+            policies=[
+                cluster_pb2.LoadBalancingPolicy.Policy(
+                    typed_extension_config=_extension("envoy.load_balancing_policies.override_host", override_host)
+                )
+            ]
+        ),
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[unbounded]),
+        outlier_detection=outlier_detection_pb2.OutlierDetection(
+            consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+            consecutive_5xx=wrappers_pb2.UInt32Value(value=1_000_000),  # app errors are not host failures
+            interval=_seconds(1.0),
+            base_ejection_time=_seconds(5.0),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
+        ),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)
+        },
+    )
+
+
+def translate_endpoints(version: VersionModel) -> endpoint_pb2.ClusterLoadAssignment:
+    by_locality: dict[tuple[str, str], list] = {}
+    for endpoint in version.endpoints:
+        metadata = struct_pb2.Struct()
+        metadata.update({"pool": endpoint.pool, "tier": endpoint.tier})
+        lb_endpoint = endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address=endpoint.ip, port_value=endpoint.port)
+                )
+            ),
+            # Draining: Envoy's own balancing skips it too, so fail-open agrees with the picker.
+            health_status=health_check_pb2.DRAINING if endpoint.drained else health_check_pb2.UNKNOWN,
+            metadata=base_pb2.Metadata(filter_metadata={HOST_METADATA_NAMESPACE: metadata}),
+        )
+        by_locality.setdefault((endpoint.region, endpoint.zone), []).append(lb_endpoint)
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=version.cluster,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region=region, zone=zone), lb_endpoints=lb_endpoints
+            )
+            for (region, zone), lb_endpoints in sorted(by_locality.items())
+        ],
+    )
+
+
+# ---------------------------------------------------------------- LDS
+
+
+def translate_listener(model: MeshModel, options: EnvoyOptions) -> listener_pb2.Listener:
+    strip_internal = header_mutation_pb2.HeaderMutation(
+        mutations=header_mutation_pb2.Mutations(
+            request_mutations=[
+                mutation_rules_pb2.HeaderMutation(
+                    remove_on_match=mutation_rules_pb2.HeaderMutation.RemoveOnMatch(
+                        key_matcher=string_pb2.StringMatcher(prefix=INTERNAL_HEADER_PREFIX)
+                    )
+                )
+            ]
+        )
+    )
+    ext_proc = ext_proc_pb2.ExternalProcessor(
+        grpc_service=_grpc_service(options),
+        # Fail open: with the picker down, Envoy still routes on RDS weights and least-request.
+        failure_mode_allow=True,
+        allow_mode_override=True,  # the picker asks for the body only when no header named the model
+        processing_mode=processing_mode_pb2.ProcessingMode(
+            request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
+            response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+            response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+            request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+        ),
+        message_timeout=_seconds(options.extproc_timeout_s),
+        metadata_options=ext_proc_pb2.MetadataOptions(
+            receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(untyped=[LB_METADATA_NAMESPACE])
+        ),
+    )
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="imesh",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=_ads()),
+        http_filters=[
+            hcm_pb2.HttpFilter(name="envoy.filters.http.header_mutation", typed_config=_any(strip_internal)),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(ext_proc)),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
+        ],
+        local_reply_config=_local_reply_config(),
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=options.listener_host, port_value=options.listener_port)
+        ),
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=model.defaults.max_body_bytes),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=_any(manager)
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def _grpc_service(options: EnvoyOptions):
+    from envoy.config.core.v3 import grpc_service_pb2
+
+    return grpc_service_pb2.GrpcService(
+        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=options.extproc_cluster),
+        timeout=_seconds(options.extproc_timeout_s),
+    )
+
+
+def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own upstream failures (no healthy host, connect failure) in the JSON envelope too."""
+    from envoy.config.accesslog.v3 import accesslog_pb2
+
+    envelope = struct_pb2.Struct()
+    envelope.update(
+        {"error": {"type": "service_unavailable", "message": "%LOCAL_REPLY_BODY%", "code": "%RESPONSE_FLAGS%"}}
+    )
+    upstream_failure = accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UH", "UF", "UO", "URX", "NC", "UC"])
+    )
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(
+                filter=upstream_failure,
+                status_code=wrappers_pb2.UInt32Value(value=503),
+                body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+                    json_format=envelope
+                ),
+                headers_to_add=[_header("retry-after", "1")],
+            )
+        ]
+    )
+
+
+# ---------------------------------------------------------------- RDS
+
+
+def translate_routes(model: MeshModel) -> route_pb2.RouteConfiguration:
+    routes = [_models_list_route(model)]
+    for m in model.models:
+        routes += _model_routes(m, model)
+    routes.append(_unknown_model_route())
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[route_components_pb2.VirtualHost(name="models", domains=["*"], routes=routes)],
+        # Stale internal headers never reach a replica or the client.
+        request_headers_to_remove=[MODEL_HEADER, VERSION_HEADER],
+    )
+
+
+def _models_list_route(model: MeshModel) -> route_components_pb2.Route:
+    """GET /v1/models is answered by Envoy itself, so it works even with the picker down."""
+    body = json.dumps(
+        {
+            "object": "list",
+            "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "inference-mesh"} for m in model.models],
+        }
+    )
+    return route_components_pb2.Route(
+        name="models-list",
+        match=route_components_pb2.RouteMatch(path="/v1/models"),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=200, body=base_pb2.DataSource(inline_string=body)
+        ),
+        response_headers_to_add=[_header("content-type", "application/json")],
+    )
+
+
+def _unknown_model_route() -> route_components_pb2.Route:
+    return route_components_pb2.Route(
+        name="unknown-model",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=404,
+            body=base_pb2.DataSource(
+                inline_string=error_body(
+                    "not_found_error", "no served model matches this request (set x-model-id)", "model_not_found"
+                )
+            ),
+        ),
+        response_headers_to_add=[_header("content-type", "application/json")],
+    )
+
+
+def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.Route]:
+    """Routes for one model, most specific first: pinned versions, then the weighted split."""
+    exact = lambda name, value: route_components_pb2.HeaderMatcher(  # noqa: E731
+        name=name, string_match=string_pb2.StringMatcher(exact=value)
+    )
+    routes = []
+    for v in m.versions:
+        routes.append(
+            _route(
+                f"{m.name}/{v.name}/pinned",
+                route_components_pb2.RouteMatch(prefix="/", headers=[exact(MODEL_HEADER, m.name), exact(VERSION_HEADER, v.name)]),
+                _version_action(m, v, model),
+                m,
+                model,
+                pinned=v,
+            )
+        )
+    split = _weighted_action(m, model)
+    routes.append(_route(f"{m.name}", route_components_pb2.RouteMatch(prefix="/", headers=[exact(MODEL_HEADER, m.name)]), split, m, model))
+    # Fail-open matches: used only when the picker did not run (down or timed out).
+    for v in m.versions:
+        routes.append(
+            _route(
+                f"{m.name}/{v.name}/kserve-path",
+                route_components_pb2.RouteMatch(prefix=f"/v2/models/{m.name}/versions/{v.name}/"),
+                _version_action(m, v, model),
+                m,
+                model,
+                pinned=v,
+            )
+        )
+    routes.append(_route(f"{m.name}/kserve-path", route_components_pb2.RouteMatch(prefix=f"/v2/models/{m.name}/"), split, m, model))
+    routes.append(
+        _route(f"{m.name}/header", route_components_pb2.RouteMatch(prefix="/", headers=[exact("x-model-id", m.name)]), split, m, model)
+    )
+    return routes
+
+
+def _route(name, match, action, m: ModelModel, model: MeshModel, pinned: VersionModel | None = None):
+    headers = []
+    if model.defaults.response_headers:
+        headers = [
+            _header("x-imesh-model", m.name),
+            _header("x-imesh-endpoint", "%UPSTREAM_HOST%"),
+            _header("x-imesh-pool", f"%UPSTREAM_METADATA({HOST_METADATA_NAMESPACE}:pool)%"),
+        ]
+        if pinned is not None:  # a weighted split carries the version header per cluster instead
+            headers.append(_header("x-imesh-version", pinned.name))
+    headers += [_header(k, v) for k, v in model.defaults.extra_response_headers.items()]
+    return route_components_pb2.Route(name=name, match=match, route=action, response_headers_to_add=headers)
+
+
+def _retry_policy(model: MeshModel) -> route_components_pb2.RetryPolicy:
+    # Only failures where the replica cannot have started work: inference is not idempotent-cheap.
+    return route_components_pb2.RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset-before-request",
+        num_retries=wrappers_pb2.UInt32Value(value=model.defaults.retries),
+        retry_host_predicate=[
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_any(_previous_hosts()),
+            )
+        ],
+        host_selection_retry_max_attempts=5,
+    )
+
+
+def _previous_hosts():
+    from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+
+    return previous_hosts_pb2.PreviousHostsPredicate()
+
+
+def _version_action(m: ModelModel, v: VersionModel, model: MeshModel) -> route_components_pb2.RouteAction:
+    action = _base_action(model)
+    action.cluster = v.cluster
+    return action
+
+
+def _weighted_action(m: ModelModel, model: MeshModel) -> route_components_pb2.RouteAction:
+    action = _base_action(model)
+    for v in m.versions:
+        entry = action.weighted_clusters.clusters.add(name=v.cluster, weight=wrappers_pb2.UInt32Value(value=v.weight))
+        if model.defaults.response_headers:
+            entry.response_headers_to_add.append(_header("x-imesh-version", v.name))
+    return action
+
+
+def _base_action(model: MeshModel) -> route_components_pb2.RouteAction:
+    return route_components_pb2.RouteAction(
+        timeout=_seconds(model.defaults.request_timeout_s),
+        retry_policy=_retry_policy(model),
+    )
