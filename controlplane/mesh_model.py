@@ -41,6 +41,7 @@ class VersionModel:
     weight: int
     engine: str
     context_window: int
+    upstream_protocol: str
     endpoints: tuple[EndpointModel, ...]
 
     @property
@@ -117,6 +118,7 @@ def build_mesh_model(spec: MeshSpec, overrides: Overrides = Overrides(), version
                     weight=overrides.weights.get(m.name, {}).get(v.name, v.weight),
                     engine=v.engine,
                     context_window=v.context_window,
+                    upstream_protocol=v.upstream_protocol,
                     endpoints=tuple(endpoint(e) for e in v.endpoints),
                 )
                 for v in m.versions

@@ -71,6 +71,9 @@ class VersionSpec(_Strict):
     weight: int = Field(default=100, ge=0, le=10000)
     engine: Engine = "vllm"
     context_window: int = Field(default=0, ge=0, description="tokens; 0 = unknown")
+    upstream_protocol: Literal["http1", "http2"] = Field(
+        default="http1", description="how Envoy talks to the replicas: http2 for gRPC (KServe v2) servers"
+    )
     endpoints: list[EndpointSpec] = Field(default_factory=list)
 
 

@@ -145,13 +145,12 @@ def translate_cluster(version: VersionModel) -> cluster_pb2.Cluster:
         max_requests=wrappers_pb2.UInt32Value(value=100_000),
         max_retries=wrappers_pb2.UInt32Value(value=1_000),
     )
-    protocol = http_protocol_options_pb2.HttpProtocolOptions(
-        # gRPC (KServe v2) clients reach replicas over h2, HTTP/1.1 clients over HTTP/1.1.
-        use_downstream_protocol_config=http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
-            http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
-        )
-    )
+    explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig
+    if version.upstream_protocol == "http2":
+        explicit_config = explicit(http2_protocol_options=protocol_pb2.Http2ProtocolOptions())
+    else:
+        explicit_config = explicit(http_protocol_options=protocol_pb2.Http1ProtocolOptions())
+    protocol = http_protocol_options_pb2.HttpProtocolOptions(explicit_http_config=explicit_config)
     return cluster_pb2.Cluster(
         name=version.cluster,
         type=cluster_pb2.Cluster.EDS,

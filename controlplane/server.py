@@ -1,0 +1,209 @@
+"""The control plane process: state store -> mesh model -> (Envoy snapshot, routing table), plus load.
+
+Changes are debounced (~100 ms) into one rebuild, so a burst of CLI calls yields one config
+version and one xDS push. Each rebuild produces both outputs from the same mesh model, so Envoy
+and the ext_procs never disagree about which version of the config is current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+
+from controlplane import ads, mesh_api
+from controlplane.broadcast import Latest
+from controlplane.errors import ConfigRejected
+from controlplane.load_monitor import LoadMonitor, targets_from_table
+from controlplane.mesh_model import Overrides, build_mesh_model
+from controlplane.snapshot import Snapshot, resources_by_type
+from controlplane.spec import MeshSpec, dump_spec
+from controlplane.spec_diff import diff_specs
+from controlplane.store import StateStore
+from controlplane.translate_envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
+from controlplane.translate_table import translate_routing_table
+from controlplane.xds_cache import SnapshotCache
+from protos import mesh_pb2
+
+log = logging.getLogger("imesh.controlplane")
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    spec: MeshSpec
+    state_dir: Path | None
+    host: str = "127.0.0.1"
+    grpc_port: int = 18000
+    envoy: EnvoyOptions = EnvoyOptions()
+    scrape_interval_s: float = 0.1
+    debounce_s: float = 0.1
+    ack_timeout_s: float = 5.0
+
+
+class ControlPlane:
+    def __init__(self, config: ControlPlaneConfig):
+        self.config = config
+        self.store = StateStore(config.state_dir, config.spec)
+        self.cache = SnapshotCache(known_static_clusters={EXTPROC_CLUSTER, "imesh_xds"})
+        self.cache.nack_hooks.append(_log_nack)
+        self.tables: Latest[mesh_pb2.RoutingTable] = Latest()
+        self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)
+        self._rebuild_requested = asyncio.Event()
+        self._rebuilt = asyncio.Condition()
+        self._built_version = 0
+        self._rejected: dict[int, str] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._server: grpc.aio.Server | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self._rebuild()  # the first snapshot is published before anyone can connect
+        await self.load_monitor.start()
+        self._server = grpc.aio.server()
+        ads.add_to_server(self._server, self.cache)
+        mesh_api.add_to_server(self._server, self)
+        self._server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        await self._server.start()
+        self._tasks.append(asyncio.create_task(self._debounced_rebuilds()))
+        log.info("control plane serving on %s:%d, config version %d",
+                 self.config.host, self.config.grpc_port, self.config_version)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+        await self.load_monitor.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._built_version > 0
+
+    # ------------------------------------------------------------ changes
+
+    @property
+    def config_version(self) -> int:
+        return self.store.state.version
+
+    def spec_yaml(self) -> str:
+        return dump_spec(self.store.state.spec)
+
+    def diff(self, spec: MeshSpec) -> list[str]:
+        return diff_specs(self.store.state.spec, spec)
+
+    async def apply_spec(self, spec: MeshSpec) -> int:
+        """Persist a new spec and return once Envoy applied it; raise ConfigRejected if Envoy refused it."""
+        # Overrides for versions the new spec no longer has would be meaningless: drop them.
+        return await self._commit_or_revert(spec=spec, overrides=_prune_overrides(self.store.state.overrides, spec))
+
+    async def set_overrides(self, overrides: Overrides) -> int:
+        return await self._commit_or_revert(overrides=overrides)
+
+    async def _commit_or_revert(self, **change) -> int:
+        previous = self.store.state
+        version = await self._commit(**change)
+        rejection = self._rejected.pop(version, None)
+        if rejection is not None:
+            # Envoy is already back on its last good config (the xDS cache rolled it back); make the
+            # desired state say so too, as a new version, so nothing stays half-applied.
+            await self._commit(spec=previous.spec, overrides=previous.overrides)
+            raise ConfigRejected(f"Envoy rejected config version {version}: {rejection}")
+        return version
+
+    async def _commit(self, **change) -> int:
+        state = self.store.commit(**change)
+        self._rebuild_requested.set()
+        async with self._rebuilt:
+            await self._rebuilt.wait_for(lambda: self._built_version >= state.version)
+        return state.version
+
+    async def _debounced_rebuilds(self) -> None:
+        while True:
+            await self._rebuild_requested.wait()
+            await asyncio.sleep(self.config.debounce_s)  # coalesce a burst into one version
+            self._rebuild_requested.clear()
+            try:
+                await self._rebuild()
+            except Exception:  # a bad rebuild must not kill the loop; the last good config stays
+                log.exception("rebuild failed; keeping the last published config")
+
+    async def _rebuild(self) -> None:
+        state = self.store.state
+        started = time.perf_counter()
+        model = build_mesh_model(state.spec, state.overrides, state.version)
+        resources = translate(model, self.config.envoy)
+        published = await self.cache.publish(Snapshot(version=str(state.version), resources=resources_by_type(resources)))
+        self.store.bump_version(int(published.version))  # xDS and config versions stay one sequence
+        rejection = await self._envoy_outcome(published.version)
+        if rejection is None:
+            # Only after Envoy has the routes may the pickers steer to them.
+            table = translate_routing_table(model)
+            await self.tables.publish(table)
+            self.load_monitor.set_targets(targets_from_table(table))
+        else:
+            self._rejected[state.version] = rejection
+        async with self._rebuilt:
+            self._built_version = state.version
+            self._rebuilt.notify_all()
+        log.info("config version %d published in %.1f ms", state.version, (time.perf_counter() - started) * 1e3)
+
+    async def _envoy_outcome(self, version: str) -> str | None:
+        """Wait (bounded) until every connected Envoy ACKed `version`; Envoy's message if one NACKed it."""
+        deadline = time.monotonic() + self.config.ack_timeout_s
+        while True:
+            nodes = [n for n in self.cache.node_statuses() if n.connected]
+            for node in nodes:
+                if node.nack is not None and node.nack.version == version:
+                    return f"{node.node_id} rejected {node.nack.type_url.rsplit('.', 1)[-1]}: {node.nack.message}"
+            synced = all(n.synced_version and int(n.synced_version) >= int(version) for n in nodes)
+            if synced:
+                return None
+            if time.monotonic() > deadline:
+                log.warning("config version %s not yet ACKed by every Envoy after %.0fs", version,
+                            self.config.ack_timeout_s)
+                return None
+            await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> mesh_pb2.MeshStatus:
+        return mesh_pb2.MeshStatus(
+            config_version=self.config_version,
+            nodes=[
+                mesh_pb2.EnvoyNodeStatus(
+                    node_id=node.node_id,
+                    connected=node.connected,
+                    acked_version=node.acked_version or "",
+                    last_nack_type=node.last_nack_type or "",
+                    last_nack_version=node.last_nack_version or "",
+                    last_nack_message=node.last_nack_message or "",
+                )
+                for node in self.cache.node_statuses()
+            ],
+            table=self.tables.value,
+            load=self.load_monitor.latest(),
+        )
+
+
+def _log_nack(node_id: str, type_url: str, version: str, message: str) -> None:
+    log.error("Envoy %s rejected %s version %s: %s", node_id, type_url.rsplit(".", 1)[-1], version, message)
+
+
+def _prune_overrides(overrides: Overrides, spec: MeshSpec) -> Overrides:
+    weights = {}
+    for model, versions in overrides.weights.items():
+        model_spec = spec.model(model)
+        if model_spec is None:
+            continue
+        known = {v.name for v in model_spec.versions}
+        kept = {v: w for v, w in versions.items() if v in known}
+        if kept:
+            weights[model] = kept
+    addresses = {e.address for m in spec.models for v in m.versions for e in v.endpoints}
+    return replace(overrides, weights=weights, drained=overrides.drained & addresses)

@@ -1,0 +1,290 @@
+"""Immutable views of the routing table and of the live load, built once per update.
+
+Everything that does not depend on the request is computed here, when a new ``RoutingTable`` or
+``LoadReport`` arrives; the per-request path only reads these objects (``__slots__``, tuples,
+dicts never mutated after construction), so a view can be swapped in with a single attribute store
+and read without locks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from protos import mesh_pb2
+
+# Used when a table carries no Scoring, or a threshold of 0 (proto3's "unset"): the spec's defaults.
+DEFAULT_QUEUE_WEIGHT = 2.0
+DEFAULT_KV_CACHE_WEIGHT = 2.0
+DEFAULT_INFLIGHT_WEIGHT = 1.0
+DEFAULT_SATURATION_QUEUE = 5.0
+DEFAULT_SATURATION_KV = 0.8
+DEFAULT_STALE_AFTER_S = 2.0
+DEFAULT_PRIORITY = "standard"
+
+
+class EndpointView:
+    __slots__ = (
+        "address",
+        "pool",
+        "tier",
+        "region",
+        "zone",
+        "cost_per_hour",
+        "drained",
+        "max_concurrency",
+        "model",
+        "version",
+        "cluster",
+    )
+
+    def __init__(self, ep: mesh_pb2.Endpoint, model: str, version: str, cluster: str):
+        self.address: str = ep.address
+        self.pool: str = ep.pool
+        self.tier: str = ep.tier
+        self.region: str = ep.region
+        self.zone: str = ep.zone
+        self.cost_per_hour: float = ep.cost_per_hour
+        self.drained: bool = ep.drained
+        self.max_concurrency: int = ep.max_concurrency
+        self.model = model
+        self.version = version
+        self.cluster = cluster
+
+    def __repr__(self) -> str:
+        return f"EndpointView({self.address}, {self.model}/{self.version}, tier={self.tier!r}, drained={self.drained})"
+
+
+class VersionView:
+    __slots__ = ("name", "weight", "cluster", "context_window", "engine", "endpoints")
+
+    def __init__(self, v: mesh_pb2.ModelVersion, model: str):
+        self.name: str = v.name
+        self.weight: int = v.weight
+        self.cluster: str = v.cluster
+        self.context_window: int = v.context_window  # 0 = unknown
+        self.engine: str = v.engine
+        self.endpoints: tuple[EndpointView, ...] = tuple(
+            EndpointView(e, model, v.name, v.cluster) for e in v.endpoints
+        )
+
+    def __repr__(self) -> str:
+        return f"VersionView({self.name!r}, weight={self.weight}, endpoints={len(self.endpoints)})"
+
+
+class ModelView:
+    """One model. ``versions`` in table order; ``routed`` are those with weight > 0, heaviest first
+    (the versions Envoy's weighted_clusters can choose)."""
+
+    __slots__ = ("name", "versions", "by_version", "routed", "openai_entry", "openai_body")
+
+    def __init__(self, m: mesh_pb2.Model):
+        self.name: str = m.name
+        self.versions: tuple[VersionView, ...] = tuple(VersionView(v, m.name) for v in m.versions)
+        self.by_version: dict[str, VersionView] = {v.name: v for v in self.versions}
+        self.routed: tuple[VersionView, ...] = tuple(
+            sorted((v for v in self.versions if v.weight > 0), key=lambda v: -v.weight)
+        )
+        self.openai_entry = {"id": m.name, "object": "model", "created": 0, "owned_by": "inference-mesh"}
+        self.openai_body: bytes = json.dumps(self.openai_entry, separators=(",", ":")).encode()
+
+    def version(self, name: str) -> VersionView | None:
+        return self.by_version.get(name)
+
+    def __repr__(self) -> str:
+        return f"ModelView({self.name!r}, versions={[v.name for v in self.versions]})"
+
+
+class PriorityView:
+    __slots__ = ("name", "rank", "preferred_tiers", "strict_tiers", "shed_threshold")
+
+    def __init__(
+        self,
+        name: str,
+        rank: int,
+        preferred_tiers: tuple[str, ...] = (),
+        strict_tiers: bool = False,
+        shed_threshold: float = 0.0,
+    ):
+        self.name = name
+        self.rank = rank
+        self.preferred_tiers = preferred_tiers
+        self.strict_tiers = strict_tiers
+        self.shed_threshold = shed_threshold
+
+    @classmethod
+    def from_proto(cls, p: mesh_pb2.PriorityClass) -> PriorityView:
+        return cls(p.name, p.rank, tuple(p.preferred_tiers), p.strict_tiers, p.shed_threshold)
+
+    def __repr__(self) -> str:
+        return (
+            f"PriorityView({self.name!r}, rank={self.rank}, tiers={self.preferred_tiers}, "
+            f"shed={self.shed_threshold})"
+        )
+
+
+class ScoringView:
+    __slots__ = (
+        "queue_weight",
+        "kv_cache_weight",
+        "inflight_weight",
+        "saturation_queue",
+        "saturation_kv",
+        "stale_after_s",
+    )
+
+    def __init__(
+        self,
+        queue_weight: float = DEFAULT_QUEUE_WEIGHT,
+        kv_cache_weight: float = DEFAULT_KV_CACHE_WEIGHT,
+        inflight_weight: float = DEFAULT_INFLIGHT_WEIGHT,
+        saturation_queue: float = DEFAULT_SATURATION_QUEUE,
+        saturation_kv: float = DEFAULT_SATURATION_KV,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    ):
+        self.queue_weight = queue_weight
+        self.kv_cache_weight = kv_cache_weight
+        self.inflight_weight = inflight_weight
+        # 0 is proto3's "unset": a threshold of 0 would call every replica saturated or stale.
+        self.saturation_queue = saturation_queue if saturation_queue > 0 else DEFAULT_SATURATION_QUEUE
+        self.saturation_kv = saturation_kv if saturation_kv > 0 else DEFAULT_SATURATION_KV
+        self.stale_after_s = stale_after_s if stale_after_s > 0 else DEFAULT_STALE_AFTER_S
+
+    @classmethod
+    def from_proto(cls, s: mesh_pb2.Scoring) -> ScoringView:
+        return cls(
+            s.queue_weight, s.kv_cache_weight, s.inflight_weight, s.saturation_queue, s.saturation_kv, s.stale_after_s
+        )
+
+    def key(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "ScoringView(" + ", ".join(f"{n}={getattr(self, n)}" for n in self.__slots__) + ")"
+
+
+class RoutingView:
+    """The routing table, as the per-request path reads it."""
+
+    __slots__ = (
+        "version",
+        "models",
+        "priorities",
+        "priority_order",
+        "default_priority",
+        "scoring",
+        "max_body_bytes",
+        "endpoints",
+        "models_list_body",
+    )
+
+    def __init__(
+        self,
+        version: int,
+        models: dict[str, ModelView],
+        priorities: dict[str, PriorityView],
+        default_priority: PriorityView,
+        scoring: ScoringView,
+        max_body_bytes: int,
+    ):
+        self.version = version
+        self.models = models
+        self.priorities = priorities
+        self.priority_order: tuple[PriorityView, ...] = tuple(sorted(priorities.values(), key=lambda p: p.rank))
+        self.default_priority = default_priority
+        self.scoring = scoring
+        self.max_body_bytes = max_body_bytes  # 0 = no limit known
+        # address -> endpoint: which model/version/pool a picked host belongs to.
+        self.endpoints: dict[str, EndpointView] = {
+            e.address: e for m in models.values() for v in m.versions for e in v.endpoints
+        }
+        self.models_list_body: bytes = json.dumps(
+            {"object": "list", "data": [m.openai_entry for m in models.values()]}, separators=(",", ":")
+        ).encode()
+
+    @classmethod
+    def from_proto(cls, table: mesh_pb2.RoutingTable) -> RoutingView:
+        models = {m.name: ModelView(m) for m in table.models}
+        priorities = {p.name: PriorityView.from_proto(p) for p in table.priorities}
+        name = table.default_priority or DEFAULT_PRIORITY
+        default = priorities.get(name)
+        if default is None:
+            # A table without that class (or without classes): a neutral class that never sheds.
+            default = PriorityView(name, max((p.rank for p in priorities.values()), default=-1) + 1)
+            priorities[name] = default
+        scoring = ScoringView.from_proto(table.scoring) if table.HasField("scoring") else ScoringView()
+        return cls(table.version, models, priorities, default, scoring, table.max_body_bytes)
+
+    def model(self, name: str) -> ModelView | None:
+        return self.models.get(name)
+
+    def priority(self, name: str | None) -> PriorityView:
+        """The class named ``name``; the default class for None or an unknown name (not an error)."""
+        if name is None:
+            return self.default_priority
+        return self.priorities.get(name, self.default_priority)
+
+    def __repr__(self) -> str:
+        return f"RoutingView(version={self.version}, models={list(self.models)})"
+
+
+class Reading:
+    """One replica's load. ``scraped_at`` is the monotonic time of its last good scrape
+    (``-inf`` when it never answered), so its age at any moment is ``now - scraped_at``."""
+
+    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "reachable", "scraped_at")
+
+    def __init__(
+        self,
+        address: str,
+        waiting: float = 0.0,
+        running: float = 0.0,
+        kv_cache: float = 0.0,
+        gpu_util: float = -1.0,
+        reachable: bool = True,
+        scraped_at: float = 0.0,
+    ):
+        self.address = address
+        self.waiting = waiting
+        self.running = running
+        self.kv_cache = kv_cache
+        self.gpu_util = gpu_util
+        self.reachable = reachable
+        self.scraped_at = scraped_at
+
+    def age(self, now: float) -> float:
+        return now - self.scraped_at
+
+    def __repr__(self) -> str:
+        return (
+            f"Reading({self.address}, waiting={self.waiting}, running={self.running}, kv={self.kv_cache}, "
+            f"reachable={self.reachable}, scraped_at={self.scraped_at})"
+        )
+
+
+class LoadView:
+    """The live load: address -> ``Reading``. ``received_at`` is ``time.monotonic()`` at arrival."""
+
+    __slots__ = ("sequence", "received_at", "readings")
+
+    def __init__(self, sequence: int, received_at: float, readings: dict[str, Reading]):
+        self.sequence = sequence
+        self.received_at = received_at
+        self.readings = readings
+
+    @classmethod
+    def from_proto(cls, report: mesh_pb2.LoadReport, received_at: float) -> LoadView:
+        readings = {}
+        for e in report.endpoints:
+            age = e.age_s
+            scraped_at = received_at - age if math.isfinite(age) else -math.inf
+            readings[e.address] = Reading(
+                e.address, e.waiting, e.running, e.kv_cache, e.gpu_util, e.reachable, scraped_at
+            )
+        return cls(report.sequence, received_at, readings)
+
+    def get(self, address: str) -> Reading | None:
+        return self.readings.get(address)
+
+    def __repr__(self) -> str:
+        return f"LoadView(sequence={self.sequence}, endpoints={len(self.readings)})"

@@ -1,0 +1,122 @@
+"""The ext_proc gRPC servicer: one bidirectional stream per HTTP request, inside Envoy's data path.
+
+Per request: identify the model (headers first; the body only when nothing else names it),
+pick replicas from live load, and answer with the route headers plus the ranked host list in
+``envoy.lb`` dynamic metadata. Refusals (unknown model, shed, too large) are immediate responses
+in the JSON error envelope. Until the first routing table arrives, requests pass through
+untouched and Envoy routes them on its own (fail-open), as it does when this process is down.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+
+from extproc.errors import RequestError, model_not_found
+from extproc.identify import Identity, identify, parse_request_body
+from extproc.mesh_view import MeshView
+from extproc.picker import Pick, Picker
+from extproc.responses import (
+    CONTINUE_BODY,
+    CONTINUE_HEADERS,
+    SEND_BODY,
+    immediate,
+    json_reply,
+    route_mutation,
+    routed,
+)
+
+log = logging.getLogger("imesh.extproc")
+
+
+class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
+    def __init__(self, view: MeshView, picker: Picker | None = None):
+        self._view = view
+        self._picker = picker or Picker()
+        # model -> the CommonResponse that selects its weighted route; built once, copied per request
+        self._model_routes: dict[str, ext.CommonResponse] = {}
+
+    async def Process(self, requests, context):
+        identity: Identity | None = None
+        async for request in requests:
+            phase = request.WhichOneof("request")
+            if phase == "request_headers":
+                identity, response = self.on_headers(request.request_headers)
+            elif phase == "request_body":
+                response = self.on_body(identity, request.request_body.body)
+            else:  # a phase we did not ask for (e.g. a mode change raced): let it through unchanged
+                response = _continue(phase)
+            yield response
+
+    # ------------------------------------------------------------ phases
+
+    def on_headers(self, message: ext.HttpHeaders) -> tuple[Identity | None, ext.ProcessingResponse]:
+        view = self._view
+        routing = view.routing
+        if routing is None:
+            return None, CONTINUE_HEADERS
+        headers = {h.key: h.raw_value.decode() if h.raw_value else h.value for h in message.headers.headers}
+        identity = identify(headers)
+        if identity.models_query is not None:
+            return identity, self._models_response(identity.models_query)
+        if identity.model is not None:
+            return identity, self._route(identity.model, identity.version, identity.priority, 0, body_phase=False)
+        if identity.needs_body:
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > routing.max_body_bytes:
+                return identity, immediate(_too_large(routing.max_body_bytes))
+            if message.end_of_stream:
+                return identity, immediate(RequestError(400, "missing_body", "request has no body naming a model"))
+            return identity, SEND_BODY
+        # Nothing names a model on a path that is not an inference API: Envoy's routes answer (404).
+        return identity, CONTINUE_HEADERS
+
+    def on_body(self, identity: Identity | None, body: bytes) -> ext.ProcessingResponse:
+        routing = self._view.routing
+        if identity is None or routing is None or not identity.needs_body:
+            return CONTINUE_BODY
+        try:
+            info = parse_request_body(identity.body_kind, body, routing.max_body_bytes)
+        except RequestError as error:
+            return immediate(error)
+        return self._route(info.model, info.version or identity.version, identity.priority, info.tokens, body_phase=True)
+
+    # ------------------------------------------------------------ decisions
+
+    def _route(self, model: str, version: str | None, priority: str | None, tokens: int, body_phase: bool):
+        view = self._view
+        result = self._picker.pick(view.routing, view.load, model, priority, view.recent_picks,
+                                   version=version, tokens=tokens)
+        if type(result) is not Pick:
+            return immediate(result.error())
+        view.note_pick(result.primaries)
+        if result.version is not None:
+            common = route_mutation(result.model, result.version)
+        else:
+            common = self._model_routes.get(result.model)
+            if common is None:
+                common = self._model_routes.setdefault(result.model, route_mutation(result.model))
+        return routed(common, result.header_value, body_phase)
+
+    def _models_response(self, name: str) -> ext.ProcessingResponse:
+        if name == "":
+            return CONTINUE_HEADERS  # GET /v1/models: Envoy answers from its route, even with us down
+        model = self._view.routing.model(name)
+        if model is None:
+            return immediate(model_not_found(name))
+        return json_reply(200, model.openai_body, "imesh_model")
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, "request_too_large", f"request body is larger than the mesh's limit of {limit} bytes")
+
+
+def _continue(phase: str | None) -> ext.ProcessingResponse:
+    if phase == "request_body":
+        return CONTINUE_BODY
+    response = ext.ProcessingResponse()
+    if phase:
+        getattr(response, phase).SetInParent()
+    return response

@@ -1,0 +1,400 @@
+"""The continuous-batching engine of one simulated replica.
+
+It is a small discrete-time model of vLLM's scheduler, run on the event loop:
+
+* requests wait in a FIFO queue and are admitted, in order, while a batch slot is free
+  (``max_num_seqs``) and the KV cache can hold the whole request (prompt + output); the
+  head of the queue blocks the rest, as in vLLM's first-come-first-served policy;
+* one engine step costs ``decode_base + decode_per_seq * batch`` plus the prefill of the
+  sequences admitted in that step (per *uncached* prompt token), all multiplied by the
+  fleet's ``time_scale`` and the replica's ``slowdown`` fault;
+* at the end of each step every running sequence emits one token (the step that prefills a
+  sequence also produces its first token, so TTFT = queueing + one step);
+* KV usage is the tokens the batch holds (prompt + generated so far) over the capacity;
+* a prefix cache of cumulatively hashed prompt blocks (bounded LRU) makes a repeated
+  prompt prefix prefill at ~no cost.
+
+Steps are paced against a virtual deadline rather than by chained sleeps, so the event
+loop's timer slack does not make a replica slower than its profile says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fleet.faults import Faults
+from fleet.profiles import GpuProfile
+
+log = logging.getLogger(__name__)
+
+# If the loop falls further behind than this, forget the debt instead of bursting steps.
+MAX_LAG_S = 0.05
+
+
+class RequestTooLarge(ValueError):
+    """The request can never fit this replica (context length or KV capacity)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped while the request was queued or running."""
+
+
+class EngineListener(Protocol):
+    """Receives engine events; the metrics module implements it."""
+
+    def on_prefill(self, model: str, prompt_tokens: int, cached_tokens: int) -> None: ...
+    def on_first_token(self, model: str, ttft_s: float) -> None: ...
+    def on_tokens(self, model: str, count: int) -> None: ...
+    def on_finish(self, seq: Sequence) -> None: ...
+
+
+class Sequence:
+    """One request inside the engine. Await ``wait()`` or iterate ``stream()``."""
+
+    __slots__ = (
+        "id", "model", "prompt_tokens", "block_hashes", "max_tokens", "limit_reason",
+        "arrival", "admitted_at", "first_token_at", "finished_at", "generated",
+        "cached_tokens", "finish_reason", "_queue", "_done",
+    )
+
+    def __init__(
+        self,
+        seq_id: int,
+        model: str,
+        prompt_tokens: int,
+        block_hashes: list[int],
+        max_tokens: int,
+        limit_reason: str,
+        arrival: float,
+        streaming: bool,
+    ) -> None:
+        self.id = seq_id
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.block_hashes = block_hashes
+        self.max_tokens = max_tokens
+        self.limit_reason = limit_reason  # finish_reason reported when max_tokens is reached
+        self.arrival = arrival
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.generated = 0
+        self.cached_tokens = 0
+        self.finish_reason: str | None = None
+        self._queue: asyncio.Queue[int | None] | None = asyncio.Queue() if streaming else None
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens this sequence holds in the KV cache right now."""
+        return self.prompt_tokens + self.generated
+
+    async def wait(self) -> Sequence:
+        """Wait until the sequence finishes; raises ``EngineStopped`` if it was aborted."""
+        await asyncio.shield(self._done)
+        if self.finish_reason == "abort":
+            raise EngineStopped("request aborted")
+        return self
+
+    async def stream(self) -> AsyncIterator[int]:
+        """Yield each generated token's index as the engine emits it."""
+        assert self._queue is not None, "submit(..., streaming=True) to stream"
+        while (index := await self._queue.get()) is not None:
+            yield index
+        if self.finish_reason == "abort":
+            raise EngineStopped("request aborted")
+
+    def _emit(self, index: int) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait(index)
+
+    def _finish(self, reason: str, now: float) -> None:
+        self.finish_reason = reason
+        self.finished_at = now
+        if self._queue is not None:
+            self._queue.put_nowait(None)
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+class Engine:
+    """A simulated vLLM engine: one per replica, driven by its own asyncio task."""
+
+    def __init__(
+        self,
+        name: str,
+        profile: GpuProfile,
+        *,
+        time_scale: float = 1.0,
+        listener: EngineListener | None = None,
+    ) -> None:
+        self.name = name
+        self.profile = profile
+        self.time_scale = time_scale
+        self.listener = listener
+        self.faults = Faults()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._reserved = 0  # KV tokens promised to the running batch (prompt + max_tokens)
+        self._prefix: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._next_id = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # Plain counters, for /sim/state and for tests.
+        self.served = 0
+        self.aborted = 0
+        self.steps = 0
+        self.busy_s = 0.0  # simulated step time spent, in (scaled) seconds
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.last_step_s = 0.0
+        self.last_batch = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine loop on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine:{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the loop and abort every queued or running request."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        now = asyncio.get_running_loop().time()
+        for seq in [*self._waiting, *self._running]:
+            seq._finish("abort", now)
+            self.aborted += 1
+        self._waiting.clear()
+        self._running.clear()
+        self._reserved = 0
+
+    # ---- requests --------------------------------------------------------------------
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ``RequestTooLarge`` if a request could never be served here."""
+        need = prompt_tokens + max_tokens
+        if need > self.profile.max_model_len:
+            raise RequestTooLarge(
+                f"This model's maximum context length is {self.profile.max_model_len} tokens. "
+                f"However, you requested {need} tokens ({prompt_tokens} in the messages, "
+                f"{max_tokens} in the completion)."
+            )
+        if need > self.profile.kv_capacity_tokens:
+            raise RequestTooLarge(
+                f"The request needs {need} KV-cache tokens but this replica holds at most "
+                f"{self.profile.kv_capacity_tokens}."
+            )
+
+    def submit(
+        self,
+        model: str,
+        prompt_tokens: int,
+        block_hashes: list[int],
+        max_tokens: int,
+        *,
+        limit_reason: str = "length",
+        streaming: bool = False,
+    ) -> Sequence:
+        """Queue a request. ``max_tokens`` 0 means prefill only (embeddings, classifiers)."""
+        if self._task is None:
+            raise EngineStopped(f"engine {self.name} is not running")
+        self.check_fits(prompt_tokens, max_tokens)
+        self._next_id += 1
+        seq = Sequence(
+            self._next_id, model, prompt_tokens, block_hashes, max_tokens, limit_reason,
+            asyncio.get_running_loop().time(), streaming,
+        )
+        self._waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request (its client went away); frees its slot and KV at once."""
+        if seq.finished:
+            return
+        if seq in self._running:
+            self._running.remove(seq)
+            self._reserved -= seq.prompt_tokens + seq.max_tokens
+        else:
+            try:
+                self._waiting.remove(seq)
+            except ValueError:
+                pass
+        self.aborted += 1
+        seq._finish("abort", asyncio.get_running_loop().time())
+
+    # ---- load signals ----------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued (without the ``extra_waiting`` fault)."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_tokens_held(self) -> int:
+        return sum(s.prompt_tokens + s.generated for s in self._running)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction (0..1) of the KV cache the running batch holds."""
+        return min(1.0, self.kv_tokens_held / self.profile.kv_capacity_tokens)
+
+    @property
+    def gpu_util(self) -> float:
+        """Utilisation in percent, from batch occupancy (what DCGM would roughly show)."""
+        return 100.0 * min(1.0, len(self._running) / self.profile.max_num_seqs)
+
+    def counts_by_model(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(waiting, running) per model name."""
+        waiting: dict[str, int] = collections.Counter(s.model for s in self._waiting)
+        running: dict[str, int] = collections.Counter(s.model for s in self._running)
+        return waiting, running
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-ready snapshot, served at ``GET /sim/state``."""
+        p = self.profile
+        return {
+            "name": self.name,
+            "profile": p.name,
+            "waiting": self.num_waiting,
+            "waiting_reported": self.num_waiting + self.faults.extra_waiting,
+            "running": self.num_running,
+            "max_num_seqs": p.max_num_seqs,
+            "kv_cache_usage": round(self.kv_usage, 6),
+            "kv_tokens_held": self.kv_tokens_held,
+            "kv_capacity_tokens": p.kv_capacity_tokens,
+            "gpu_util": round(self.gpu_util, 3),
+            "served": self.served,
+            "aborted": self.aborted,
+            "steps": self.steps,
+            "last_step_s": self.last_step_s,
+            "last_batch": self.last_batch,
+            "prefix_cache": {
+                "queries": self.prefix_queries,
+                "hits": self.prefix_hits,
+                "blocks": len(self._prefix),
+                "capacity_blocks": p.prefix_cache_blocks,
+            },
+            "time_scale": self.time_scale,
+            "faults": self.faults.model_dump(),
+        }
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def _admit(self) -> int:
+        """Admit waiting sequences in FIFO order; return their uncached prompt tokens."""
+        p = self.profile
+        uncached = 0
+        now = asyncio.get_running_loop().time()
+        while self._waiting and len(self._running) < p.max_num_seqs:
+            seq = self._waiting[0]
+            need = seq.prompt_tokens + seq.max_tokens
+            if self._reserved + need > p.kv_capacity_tokens:
+                break  # head-of-line blocks, as vLLM's FCFS scheduler does
+            self._waiting.popleft()
+            self._reserved += need
+            seq.admitted_at = now
+            seq.cached_tokens = self._lookup_prefix(seq)
+            uncached += seq.prompt_tokens - seq.cached_tokens
+            self.prefix_queries += seq.prompt_tokens
+            self.prefix_hits += seq.cached_tokens
+            if self.listener is not None:
+                self.listener.on_prefill(seq.model, seq.prompt_tokens, seq.cached_tokens)
+            self._running.append(seq)
+        return uncached
+
+    def _lookup_prefix(self, seq: Sequence) -> int:
+        """Count the cached leading blocks and record this prompt's blocks (LRU)."""
+        cache = self._prefix
+        hits = 0
+        for h in seq.block_hashes:
+            if h not in cache:
+                break
+            cache.move_to_end(h)
+            hits += 1
+        for h in seq.block_hashes[hits:]:
+            cache[h] = None
+        while len(cache) > self.profile.prefix_cache_blocks:
+            cache.popitem(last=False)
+        # vLLM always recomputes at least the last prompt token.
+        return max(0, min(hits * self.profile.block_size, seq.prompt_tokens - 1))
+
+    def _step_seconds(self, uncached: int) -> float:
+        p = self.profile
+        raw = p.decode_base_s + p.decode_per_seq_s * len(self._running) + p.prefill_s_per_token * uncached
+        return raw * self.time_scale * self.faults.slowdown
+
+    def _emit(self) -> None:
+        """End of a step: every running sequence gets one token; finished ones leave."""
+        now = asyncio.get_running_loop().time()
+        listener = self.listener
+        done = False
+        tokens: dict[str, int] = {}
+        for seq in self._running:
+            if seq.max_tokens > 0:
+                tokens[seq.model] = tokens.get(seq.model, 0) + 1
+                seq.generated += 1
+                if seq.generated == 1:
+                    seq.first_token_at = now
+                    if listener is not None:
+                        listener.on_first_token(seq.model, now - seq.arrival)
+                seq._emit(seq.generated - 1)
+            if seq.generated >= seq.max_tokens:
+                seq._finish(seq.limit_reason, now)
+                self._reserved -= seq.prompt_tokens + seq.max_tokens
+                self.served += 1
+                done = True
+                if listener is not None:
+                    listener.on_finish(seq)
+        if listener is not None:
+            for model, count in tokens.items():
+                listener.on_tokens(model, count)
+        if done:
+            self._running = [s for s in self._running if not s.finished]
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while True:
+            if not self._running and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                deadline = loop.time()
+            uncached = self._admit()
+            if not self._running:
+                # Nothing admissible (cannot happen for requests that passed check_fits).
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            step = self._step_seconds(uncached)
+            self.last_step_s = step
+            self.last_batch = len(self._running)
+            deadline += step
+            now = loop.time()
+            if deadline < now - MAX_LAG_S:
+                deadline = now
+            await asyncio.sleep(max(0.0, deadline - now))
+            self.steps += 1
+            self.busy_s += step
+            try:
+                self._emit()
+            except Exception:  # never let one bad sequence kill the replica
+                log.exception("engine %s: step failed", self.name)

@@ -1,0 +1,108 @@
+"""GPU profiles: how fast a replica prefills and decodes, and how much it can hold.
+
+The numbers are shaped after an 8B-parameter model in vLLM on each device, scaled down in
+KV capacity so that a demo or a test can fill a cache with a few requests. What matters for
+the mesh is the ordering and the shape of the costs, not the absolute values:
+
+* prefill costs time per uncached prompt token (compute bound);
+* every engine step costs ``decode_base_s + decode_per_seq_s * batch`` (memory bound, and
+  slower as the batch grows, which is what makes a loaded replica a worse pick);
+* ``max_num_seqs`` bounds the batch (continuous batching slots), and
+  ``kv_capacity_tokens`` bounds the tokens the running batch may hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProfile:
+    """The performance envelope of one simulated replica (all times at ``time_scale`` 1)."""
+
+    name: str
+    device_name: str  # what DCGM reports as modelName
+    max_num_seqs: int  # concurrent sequence slots (continuous batching)
+    kv_capacity_tokens: int  # KV cache size, in tokens
+    prefill_s_per_token: float  # prefill cost per uncached prompt token
+    decode_base_s: float  # fixed cost of one engine step
+    decode_per_seq_s: float  # added step cost per running sequence
+    max_model_len: int  # longest prompt + output a request may ask for
+    block_size: int = 16  # tokens per KV / prefix-cache block
+    prefix_cache_blocks: int = 4096  # LRU bound of the prefix cache
+    memory_total_mib: int = 81559  # DCGM framebuffer total
+    weights_mib: int = 16384  # framebuffer used by the model weights
+
+    def with_overrides(self, overrides: dict[str, Any]) -> GpuProfile:
+        """Return a copy with some fields replaced (unknown fields raise ``TypeError``)."""
+        if not overrides:
+            return self
+        return dataclasses.replace(self, **overrides)
+
+
+PROFILES: dict[str, GpuProfile] = {
+    p.name: p
+    for p in (
+        GpuProfile(
+            name="h100",
+            device_name="NVIDIA H100 80GB HBM3",
+            max_num_seqs=32,
+            kv_capacity_tokens=65536,
+            prefill_s_per_token=0.00005,
+            decode_base_s=0.008,
+            decode_per_seq_s=0.0002,
+            max_model_len=8192,
+            prefix_cache_blocks=8192,
+            memory_total_mib=81559,
+        ),
+        GpuProfile(
+            name="a100",
+            device_name="NVIDIA A100-SXM4-80GB",
+            max_num_seqs=24,
+            kv_capacity_tokens=49152,
+            prefill_s_per_token=0.0001,
+            decode_base_s=0.012,
+            decode_per_seq_s=0.0003,
+            max_model_len=8192,
+            prefix_cache_blocks=6144,
+            memory_total_mib=81920,
+        ),
+        GpuProfile(
+            name="l4",
+            device_name="NVIDIA L4",
+            max_num_seqs=8,
+            kv_capacity_tokens=16384,
+            prefill_s_per_token=0.0004,
+            decode_base_s=0.03,
+            decode_per_seq_s=0.002,
+            max_model_len=8192,
+            prefix_cache_blocks=2048,
+            memory_total_mib=23034,
+        ),
+        GpuProfile(
+            name="cpu",
+            device_name="CPU",
+            max_num_seqs=2,
+            kv_capacity_tokens=4096,
+            prefill_s_per_token=0.004,
+            decode_base_s=0.12,
+            decode_per_seq_s=0.02,
+            max_model_len=2048,
+            prefix_cache_blocks=512,
+            memory_total_mib=32768,
+        ),
+    )
+}
+
+# Fields a replica's `overrides:` may set (the name and device stay the profile's).
+OVERRIDABLE = frozenset(f.name for f in dataclasses.fields(GpuProfile)) - {"name"}
+
+
+def get_profile(name: str) -> GpuProfile:
+    """Look a profile up by name; ``KeyError`` names the known ones."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise KeyError(f"unknown GPU profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None

@@ -1,0 +1,222 @@
+"""One simulated replica: an aiohttp app in front of an ``Engine``.
+
+It speaks what the mesh routes to: the OpenAI API (``fleet.openai_api``), KServe v2 REST
+(``fleet.kserve``), vLLM-named Prometheus metrics (``fleet.metrics``) and a small fault
+injection admin under ``/sim``. Every response, errors included, carries
+``x-sim-replica: <name>`` so a test can tell which replica served a request that went
+through the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from fleet import kserve, openai_api
+from fleet.config import ReplicaConfig
+from fleet.context import REPLICA_KEY, replica_of
+from fleet.engine import Engine, EngineStopped, RequestTooLarge, Sequence
+from fleet.errors import ApiError, render
+from fleet.metrics import CONTENT_TYPE, ReplicaMetrics
+from fleet.profiles import GpuProfile
+from fleet.text import block_hashes, prompt_key
+
+REPLICA_HEADER = "x-sim-replica"
+
+
+class Replica:
+    """A replica's engine, metrics, faults and HTTP server."""
+
+    def __init__(self, config: ReplicaConfig, *, seed: int = 0, time_scale: float = 1.0,
+                 profile: GpuProfile | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.models = list(config.models)
+        self.version = config.version
+        self.seed = seed
+        self.profile = profile or config.profile()
+        self.metrics = ReplicaMetrics(self.name, self.models)
+        self.engine = Engine(self.name, self.profile, time_scale=time_scale, listener=self.metrics)
+        self.metrics.bind(self.engine)
+        # Error injection draws from its own seeded stream: reproducible under --seed.
+        self._rng = random.Random(f"{seed}\x1e{self.name}")
+        self.errors_injected = 0
+        self._runner: web.AppRunner | None = None
+        self.host = config.host
+        self.port = config.port
+        self.app = self._build_app()
+
+    @property
+    def address(self) -> str:
+        """host:port actually listened on (the bound port when the config said 0)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the engine and listen; raises ``OSError`` naming the address on failure."""
+        self.engine.start()
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.config.host, self.config.port, backlog=1024)
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            await self.engine.stop()
+            raise OSError(exc.errno, f"replica {self.name}: cannot listen on {self.config.address}: "
+                                     f"{exc.strerror or exc}") from exc
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Abort in-flight requests (their clients get 503) and close the listener."""
+        await self.engine.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- shared request steps ----------------------------------------------------------
+
+    async def apply_faults(self) -> None:
+        """Stall, then maybe fail, as the active faults say (inference routes only)."""
+        faults = self.engine.faults
+        if faults.stall_s > 0:
+            await asyncio.sleep(faults.stall_s)
+        if faults.error_rate > 0 and self._rng.random() < faults.error_rate:
+            self.errors_injected += 1
+            raise ApiError(faults.error_status, f"injected fault on replica {self.name}",
+                           code="injected_fault")
+
+    def check_fits(self, prompts: list[list[str]], max_tokens: int) -> None:
+        """Reject (400) a request that could never fit, before any fault or queueing."""
+        for tokens in prompts:
+            self.engine.check_fits(max(1, len(tokens)), max_tokens)
+
+    def submit(self, model: str, tokens: list[str], max_tokens: int, *, limit_reason: str = "length",
+               streaming: bool = False) -> Sequence:
+        """Queue a tokenized prompt on the engine (an empty prompt still costs one token)."""
+        return self.engine.submit(
+            model, max(1, len(tokens)), block_hashes(tokens, self.profile.block_size), max_tokens,
+            limit_reason=limit_reason, streaming=streaming,
+        )
+
+    def text_key(self, model: str, tokens: list[str], choice: int = 0) -> bytes:
+        """The sampler key of a prompt: same seed, model and prompt give the same text."""
+        return prompt_key(self.seed, model, tokens if choice == 0 else [*tokens, f"\x00{choice}"])
+
+    def check_model(self, model: str) -> None:
+        if model not in self.models:
+            raise ApiError(404, f"The model `{model}` does not exist on replica {self.name}.",
+                           type="invalid_request_error", code="model_not_found")
+
+    def state(self) -> dict[str, Any]:
+        return {
+            **self.engine.state(),
+            "address": self.address,
+            "models": self.models,
+            "version": self.version,
+            "errors_injected": self.errors_injected,
+        }
+
+    # ---- app -------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[_error_middleware], client_max_size=64 * 1024 * 1024)
+        app[REPLICA_KEY] = self
+        app.on_response_prepare.append(self._stamp)
+        openai_api.add_routes(app)
+        kserve.add_routes(app)
+        app.router.add_get("/metrics", _metrics)
+        app.router.add_get("/health", _health)
+        app.router.add_post("/sim/faults", _set_faults)
+        app.router.add_delete("/sim/faults", _reset_faults)
+        app.router.add_get("/sim/faults", _get_faults)
+        app.router.add_get("/sim/state", _state)
+        return app
+
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[REPLICA_HEADER] = self.name
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Render every failure in the protocol's own error format."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return render(request.path, err)
+    except RequestTooLarge as exc:
+        return render(request.path, ApiError(400, str(exc), code="context_length_exceeded"))
+    except EngineStopped as exc:
+        return render(request.path, ApiError(503, f"replica is stopping: {exc}", code="unavailable"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        msg = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        return render(request.path, ApiError(exc.status, msg, headers=_allow(exc)))
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # a bug: still answer in the envelope, and say so
+        request.app.logger.exception("unhandled error on %s", request.path)
+        return render(request.path, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = replica_of(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _health(request: web.Request) -> web.Response:
+    """vLLM's health route; follows the ``not_ready`` fault."""
+    if replica_of(request).engine.faults.not_ready:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def _set_faults(request: web.Request) -> web.Response:
+    replica = replica_of(request)
+    try:
+        update = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"invalid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(update, dict):
+        raise ApiError(400, "expected a JSON object of fault settings")
+    try:
+        replica.engine.faults = replica.engine.faults.merged(update)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ApiError(400, f"invalid faults: {detail}", code="invalid_faults") from None
+    return web.json_response(replica.engine.faults.model_dump())
+
+
+async def _reset_faults(request: web.Request) -> web.Response:
+    replica = replica_of(request)
+    replica.engine.faults = type(replica.engine.faults)()
+    return web.json_response(replica.engine.faults.model_dump())
+
+
+async def _get_faults(request: web.Request) -> web.Response:
+    return web.json_response(replica_of(request).engine.faults.model_dump())
+
+
+async def _state(request: web.Request) -> web.Response:
+    return web.json_response(replica_of(request).state())
+
+
+__all__ = ["REPLICA_HEADER", "REPLICA_KEY", "Replica", "replica_of"]

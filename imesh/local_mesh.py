@@ -1,0 +1,186 @@
+"""The whole mesh on one machine: control plane, ext_proc, Envoy and, for the demo, a simulated fleet.
+
+`imesh up` and the end-to-end tests both use this, so the tests exercise exactly what users run:
+separate processes talking real gRPC and HTTP over loopback.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
+from imesh.processes import ManagedProcess, StartupError, http_ok, python_module
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_SPEC = REPO / "examples" / "demo" / "mesh.yaml"
+DEMO_FLEET = REPO / "examples" / "demo" / "fleet.yaml"
+
+
+@dataclass(frozen=True)
+class MeshPorts:
+    """Defaults are DESIGN.md's; tests use `MeshPorts.ephemeral()` so several meshes run side by side."""
+
+    listener: int = 8080
+    admin: int = 9901
+    control_plane: int = 18000
+    control_plane_metrics: int = 9090
+    extproc: int = 18001
+    extproc_metrics: int = 9091
+    host: str = "127.0.0.1"
+
+    @classmethod
+    def ephemeral(cls) -> MeshPorts:
+        return cls(*free_ports(6))
+
+    @property
+    def envoy(self) -> EnvoyPorts:
+        return EnvoyPorts(admin=self.admin, xds=self.control_plane, extproc=self.extproc, host=self.host)
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct ports the kernel considers free right now (held open together so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class LocalMesh:
+    spec: Path
+    workdir: Path
+    ports: MeshPorts = MeshPorts()
+    fleet_config: Path | None = None
+    envoy_concurrency: int = 1
+    extproc_workers: int = 1
+    scrape_interval_s: float = 0.1
+    processes: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, timeout_s: float = 60.0) -> LocalMesh:
+        try:
+            if self.fleet_config is not None:
+                self.start_fleet(timeout_s)
+            self.start_control_plane(timeout_s)
+            self.start_extproc(timeout_s)
+            self.start_envoy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        # Reverse start order: the data plane goes first so clients see a clean refusal.
+        for name in ("envoy", "extproc", "controlplane", "fleet"):
+            process = self.processes.get(name)
+            if process is not None:
+                process.stop()
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ components
+
+    def start_fleet(self, timeout_s: float = 30.0) -> ManagedProcess:
+        process = self._spawn("fleet", python_module("fleet", "--config", str(self.fleet_config)))
+        process.wait_until(lambda: "fleet ready" in process.log_tail(5), timeout_s)
+        return process
+
+    def start_control_plane(self, timeout_s: float = 30.0) -> ManagedProcess:
+        p = self.ports
+        argv = python_module(
+            "controlplane",
+            "--spec", str(self.spec),
+            "--state-dir", str(self.workdir / "state"),
+            "--host", p.host,
+            "--grpc-port", str(p.control_plane),
+            "--metrics-port", str(p.control_plane_metrics),
+            "--listener-port", str(p.listener),
+            "--scrape-interval", str(self.scrape_interval_s),
+        )
+        process = self._spawn("controlplane", argv)
+        process.wait_until(http_ok(f"http://{p.host}:{p.control_plane_metrics}/readyz"), timeout_s)
+        return process
+
+    def start_extproc(self, timeout_s: float = 30.0) -> ManagedProcess:
+        p = self.ports
+        argv = python_module(
+            "extproc",
+            "--host", p.host,
+            "--port", str(p.extproc),
+            "--metrics-port", str(p.extproc_metrics),
+            "--control-plane", f"{p.host}:{p.control_plane}",
+            "--workers", str(self.extproc_workers),
+        )
+        process = self._spawn("extproc", argv)
+        process.wait_until(http_ok(f"http://{p.host}:{p.extproc_metrics}/readyz"), timeout_s)
+        return process
+
+    def start_envoy(self, timeout_s: float = 30.0) -> ManagedProcess:
+        process = envoy_process(self.workdir / "envoy", self.ports.envoy, concurrency=self.envoy_concurrency)
+        self.processes["envoy"] = process.start()
+        process.wait_until(admin_ready(self.ports.envoy), timeout_s)
+        process.wait_until(self._listener_serves, timeout_s)
+        return process
+
+    def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+        process = ManagedProcess(name, argv, self.workdir / "logs" / f"{name}.log").start()
+        self.processes[name] = process
+        return process
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.listener}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.admin}"
+
+    @property
+    def control_plane_address(self) -> str:
+        return f"{self.ports.host}:{self.ports.control_plane}"
+
+    def _listener_serves(self) -> bool:
+        return httpx.get(f"{self.url}/v1/models", timeout=1.0).status_code == 200
+
+    def wait_for_completion(self, model: str, timeout_s: float = 30.0) -> httpx.Response:
+        """Block until one chat completion for `model` succeeds end to end through Envoy."""
+        deadline = time.monotonic() + timeout_s
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.post(
+                    f"{self.url}/v1/chat/completions",
+                    json={"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 4},
+                    timeout=5.0,
+                )
+                if response.status_code == 200:
+                    return response
+                last = f"{response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise StartupError(f"no successful completion for {model} after {timeout_s:.0f}s (last: {last})")
+
+
+def demo_mesh(workdir: Path, ports: MeshPorts = MeshPorts()) -> LocalMesh:
+    return LocalMesh(spec=DEMO_SPEC, workdir=workdir, ports=ports, fleet_config=DEMO_FLEET)
+
+
+def with_ports(mesh: LocalMesh, ports: MeshPorts) -> LocalMesh:
+    return replace(mesh, ports=ports, processes={})

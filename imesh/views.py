@@ -1,0 +1,117 @@
+"""Rows the CLI shows, derived from one MeshStatus so every view agrees with the others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from imesh.output import table
+from protos import mesh_pb2
+
+Rows = tuple[list[dict], list[str]]
+
+
+def _percent(weight: int, total: int) -> float:
+    return round(100.0 * weight / total, 1) if total else 0.0
+
+
+def model_rows(status: mesh_pb2.MeshStatus) -> Rows:
+    rows = []
+    for m in status.table.models:
+        total = sum(v.weight for v in m.versions)
+        rows.append({
+            "model": m.name,
+            "versions": [f"{v.name}={_percent(v.weight, total):g}%" for v in m.versions],
+            "endpoints": sum(len(v.endpoints) for v in m.versions),
+        })
+    return rows, ["model", "versions", "endpoints"]
+
+
+def version_rows(status: mesh_pb2.MeshStatus) -> Rows:
+    rows = []
+    for m in status.table.models:
+        total = sum(v.weight for v in m.versions)
+        for v in m.versions:
+            rows.append({
+                "model": m.name, "version": v.name, "weight": v.weight,
+                "percent": _percent(v.weight, total), "engine": v.engine,
+                "context_window": v.context_window, "endpoints": len(v.endpoints),
+            })
+    return rows, ["model", "version", "weight", "percent", "engine", "context_window", "endpoints"]
+
+
+def pool_rows(status: mesh_pb2.MeshStatus) -> Rows:
+    pools: dict[str, dict] = {}
+    for m in status.table.models:
+        for v in m.versions:
+            for e in v.endpoints:
+                row = pools.setdefault(e.pool, {
+                    "pool": e.pool, "tier": e.tier, "cost_per_hour": e.cost_per_hour,
+                    "region": e.region, "zone": e.zone, "endpoints": 0,
+                })
+                row["endpoints"] += 1
+    return list(pools.values()), ["pool", "tier", "cost_per_hour", "region", "zone", "endpoints"]
+
+
+def endpoint_rows(status: mesh_pb2.MeshStatus) -> Rows:
+    load = {e.address: e for e in status.load.endpoints}
+    rows = []
+    for m in status.table.models:
+        for v in m.versions:
+            for e in v.endpoints:
+                reading = load.get(e.address)
+                rows.append({
+                    "address": e.address, "model": m.name, "version": v.name, "pool": e.pool,
+                    "state": _endpoint_state(e, reading),
+                    "waiting": reading.waiting if reading else None,
+                    "running": reading.running if reading else None,
+                    "kv_cache": f"{reading.kv_cache:.0%}" if reading else None,
+                    "age_s": round(reading.age_s, 2) if reading else None,
+                })
+    return rows, ["address", "model", "version", "pool", "state", "waiting", "running", "kv_cache", "age_s"]
+
+
+def _endpoint_state(endpoint: mesh_pb2.Endpoint, reading: mesh_pb2.EndpointLoad | None) -> str:
+    if endpoint.drained:
+        return "drained"
+    if reading is None:
+        return "unknown"
+    return "ready" if reading.reachable else "unreachable"
+
+
+GETTERS: dict[str, Callable[[mesh_pb2.MeshStatus], Rows]] = {
+    "models": model_rows,
+    "versions": version_rows,
+    "pools": pool_rows,
+    "endpoints": endpoint_rows,
+}
+
+
+def node_rows(status: mesh_pb2.MeshStatus) -> Rows:
+    rows = [
+        {
+            "envoy": n.node_id, "connected": "yes" if n.connected else "no", "acked_version": n.acked_version,
+            "last_nack": f"v{n.last_nack_version} {n.last_nack_type.rsplit('.', 1)[-1]}: {n.last_nack_message}"
+            if n.last_nack_message else None,
+        }
+        for n in status.nodes
+    ]
+    return rows, ["envoy", "connected", "acked_version", "last_nack"]
+
+
+def status_document(status: mesh_pb2.MeshStatus) -> dict:
+    return {
+        "config_version": status.config_version,
+        "envoys": node_rows(status)[0],
+        "models": version_rows(status)[0],
+        "endpoints": endpoint_rows(status)[0],
+    }
+
+
+def status_text(status: mesh_pb2.MeshStatus) -> str:
+    sections = [
+        f"config version {status.config_version}",
+        "ENVOYS\n" + table(*node_rows(status)),
+        "MODELS\n" + table(*version_rows(status)),
+        "ENDPOINTS\n" + table(*endpoint_rows(status)),
+    ]
+    return "\n\n".join(sections)

@@ -1,0 +1,485 @@
+"""Load signals: engine metric parsing on realistic expositions, and the live scraper end to end.
+
+The end-to-end tests run small aiohttp replicas on 127.0.0.1 ephemeral ports whose metrics the test
+changes, stops or makes hang, because what routing depends on is timing: a change shows up within a
+few intervals, a dead replica turns unreachable with a growing age, and a hanging one stalls nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from controlplane.load_monitor import LoadMonitor, MonitorStopped, ScrapeTarget, targets_from_table
+from controlplane.metrics_parsing import (
+    EngineLoad,
+    parse_engine_load,
+    sample_values,
+    select_families,
+    wanted_names,
+)
+from protos import mesh_pb2
+
+# ---------------------------------------------------------------- fixtures in each engine's format
+
+VLLM_V1 = """\
+# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation="0"} 12345.0
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.0
+vllm:num_requests_running{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 5.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 3.0
+vllm:num_requests_waiting{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.25
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.99
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 9.1234e+06
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.005",model_name="meta-llama/Llama-3.1-8B-Instruct"} 12.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="meta-llama/Llama-3.1-8B-Instruct"} 40.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 40.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 3.25
+"""
+
+# vLLM 0.5/0.6 (V0 engine): only the older KV name, one series per model.
+VLLM_V0 = """\
+# HELP vllm:num_requests_running Number of requests currently running on GPU.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="mistralai/Mistral-7B-Instruct-v0.3"} 2.0
+# HELP vllm:num_requests_swapped Number of requests swapped to CPU.
+# TYPE vllm:num_requests_swapped gauge
+vllm:num_requests_swapped{model_name="mistralai/Mistral-7B-Instruct-v0.3"} 0.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="mistralai/Mistral-7B-Instruct-v0.3"} 6.0
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="mistralai/Mistral-7B-Instruct-v0.3"} 0.8125
+"""
+
+SGLANG = """\
+# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{engine_type="unified",model_name="Qwen/Qwen2.5-7B-Instruct",pp_rank="0",tp_rank="0"} 9.0
+# HELP sglang:num_queue_reqs The number of requests in the waiting queue.
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{engine_type="unified",model_name="Qwen/Qwen2.5-7B-Instruct",pp_rank="0",tp_rank="0"} 4.0
+# HELP sglang:token_usage The token usage.
+# TYPE sglang:token_usage gauge
+sglang:token_usage{engine_type="unified",model_name="Qwen/Qwen2.5-7B-Instruct",pp_rank="0",tp_rank="0"} 0.62
+# HELP sglang:gen_throughput The generation throughput (token/s).
+# TYPE sglang:gen_throughput gauge
+sglang:gen_throughput{engine_type="unified",model_name="Qwen/Qwen2.5-7B-Instruct",pp_rank="0",tp_rank="0"} 1234.5
+# HELP sglang:prompt_tokens_total Number of prefill tokens processed.
+# TYPE sglang:prompt_tokens_total counter
+sglang:prompt_tokens_total{model_name="Qwen/Qwen2.5-7B-Instruct"} 512000.0
+"""
+
+TRITON = """\
+# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="resnet50",version="1"} 1520
+nv_inference_request_success{model="bert",version="2"} 88
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution per-model.
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="resnet50",version="1"} 3
+nv_inference_pending_request_count{model="bert",version="2"} 2
+# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
+# TYPE nv_gpu_utilization gauge
+nv_gpu_utilization{gpu_uuid="GPU-6b4f5c1e-0000-0000-0000-000000000000"} 0.75
+nv_gpu_utilization{gpu_uuid="GPU-6b4f5c1e-0000-0000-0000-000000000001"} 0.25
+# HELP nv_gpu_memory_total_bytes GPU total memory, in bytes
+# TYPE nv_gpu_memory_total_bytes gauge
+nv_gpu_memory_total_bytes{gpu_uuid="GPU-6b4f5c1e-0000-0000-0000-000000000000"} 85899345920
+nv_gpu_memory_total_bytes{gpu_uuid="GPU-6b4f5c1e-0000-0000-0000-000000000001"} 85899345920
+# HELP nv_gpu_memory_used_bytes GPU used memory, in bytes
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-6b4f5c1e-0000-0000-0000-000000000000"} 42949672960
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-6b4f5c1e-0000-0000-0000-000000000001"} 8589934592
+# HELP nv_gpu_power_usage GPU power usage in watts
+# TYPE nv_gpu_power_usage gauge
+nv_gpu_power_usage{gpu_uuid="GPU-6b4f5c1e-0000-0000-0000-000000000000"} 301.5
+"""
+
+TRTLLM = """\
+# HELP trtllm_num_requests_waiting Number of requests waiting to be scheduled.
+# TYPE trtllm_num_requests_waiting gauge
+trtllm_num_requests_waiting{model_name="llama-70b-fp8"} 11
+# HELP trtllm_num_requests_running Number of requests in the active batch.
+# TYPE trtllm_num_requests_running gauge
+trtllm_num_requests_running{model_name="llama-70b-fp8"} 32
+# HELP trtllm_kv_cache_utilization Fraction of KV-cache blocks in use.
+# TYPE trtllm_kv_cache_utilization gauge
+trtllm_kv_cache_utilization{model_name="llama-70b-fp8"} 0.91
+# HELP trtllm_request_success_total Count of successfully processed requests.
+# TYPE trtllm_request_success_total counter
+trtllm_request_success_total{model_name="llama-70b-fp8",finished_reason="stop"} 4096
+"""
+
+DCGM = """\
+# HELP DCGM_FI_DEV_GPU_UTIL GPU utilization (in %).
+# TYPE DCGM_FI_DEV_GPU_UTIL gauge
+DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-aaaa",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 90
+DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-bbbb",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 70
+# HELP DCGM_FI_DEV_FB_FREE Framebuffer memory free (in MiB).
+# TYPE DCGM_FI_DEV_FB_FREE gauge
+DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-aaaa",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 60000
+DCGM_FI_DEV_FB_FREE{gpu="1",UUID="GPU-bbbb",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 60000
+# HELP DCGM_FI_DEV_FB_USED Framebuffer memory used (in MiB).
+# TYPE DCGM_FI_DEV_FB_USED gauge
+DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-aaaa",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 20000
+DCGM_FI_DEV_FB_USED{gpu="1",UUID="GPU-bbbb",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 20000
+"""
+
+
+def test_vllm_sums_queues_and_averages_kv_across_engines() -> None:
+    load = parse_engine_load(VLLM_V1, "vllm")
+    # The newer KV name wins over the deprecated one that vLLM still exports beside it.
+    assert load == EngineLoad(waiting=4.0, running=12.0, kv_cache=pytest.approx(0.375), gpu_util=-1.0)
+
+
+def test_vllm_older_kv_name() -> None:
+    assert parse_engine_load(VLLM_V0, "vllm") == EngineLoad(waiting=6, running=2, kv_cache=0.8125, gpu_util=-1)
+
+
+def test_sglang() -> None:
+    assert parse_engine_load(SGLANG, "sglang") == EngineLoad(waiting=4, running=9, kv_cache=0.62, gpu_util=-1)
+
+
+def test_triton_kv_from_gpu_memory_and_native_gpu_util() -> None:
+    load = parse_engine_load(TRITON, "triton")
+    assert load.waiting == 5
+    assert load.running == 0  # Triton has no running-batch gauge
+    assert load.kv_cache == pytest.approx((40 + 8) / 160)
+    assert load.gpu_util == pytest.approx(0.5)
+
+
+def test_trtllm() -> None:
+    assert parse_engine_load(TRTLLM, "trtllm") == EngineLoad(waiting=11, running=32, kv_cache=0.91, gpu_util=-1)
+
+
+def test_dcgm_gives_gpu_util_on_any_engine_but_not_llm_kv() -> None:
+    load = parse_engine_load(VLLM_V0 + DCGM, "vllm")
+    assert load.gpu_util == pytest.approx(0.8)
+    # vLLM preallocates GPU memory: framebuffer use must not stand in for its KV cache.
+    assert load.kv_cache == 0.8125
+    no_kv = "\n".join(line for line in VLLM_V0.splitlines() if "cache_usage" not in line) + "\n" + DCGM
+    assert parse_engine_load(no_kv, "vllm").kv_cache == 0.0
+
+
+def test_triton_falls_back_to_dcgm_framebuffer_and_prefers_own_gpu_util() -> None:
+    no_mem = "\n".join(line for line in TRITON.splitlines() if "memory" not in line) + "\n"
+    load = parse_engine_load(no_mem + DCGM, "triton")
+    assert load.kv_cache == pytest.approx(40000 / 160000)
+    assert load.gpu_util == pytest.approx(0.5)  # nv_gpu_utilization, not DCGM's 80 %
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (VLLM_V1, "vllm"),
+        (SGLANG, "sglang"),
+        (TRITON, "triton"),
+        (TRTLLM, "trtllm"),
+    ],
+)
+def test_generic_detects_the_engine(text: str, expected: str) -> None:
+    assert parse_engine_load(text + DCGM, "generic") == parse_engine_load(text + DCGM, expected)
+
+
+def test_missing_metrics_read_as_idle_and_unknown_gpu() -> None:
+    unrelated = "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 12.5\n"
+    for engine in ("vllm", "sglang", "triton", "trtllm", "generic"):
+        assert parse_engine_load(unrelated, engine) == EngineLoad(0.0, 0.0, 0.0, -1.0)
+        assert parse_engine_load("", engine) == EngineLoad()
+
+
+def test_counters_untyped_nan_and_clamping() -> None:
+    text = (
+        # A counter: the parser names the family without _total, the samples keep it.
+        "# TYPE trtllm_num_requests_waiting counter\n"
+        "trtllm_num_requests_waiting_total 3\n"
+        # No TYPE line at all.
+        "trtllm_num_requests_running 4\n"
+        # NaN before the first step, and a value out of range.
+        'trtllm_kv_cache_utilization{rank="0"} NaN\n'
+        'trtllm_kv_cache_utilization{rank="1"} 1.7\n'
+    )
+    assert parse_engine_load(text, "trtllm") == EngineLoad(waiting=3, running=4, kv_cache=1.0, gpu_util=-1)
+
+
+def test_line_selection_changes_nothing_but_speed() -> None:
+    text = VLLM_V1 + DCGM
+    names = wanted_names("vllm")
+    full = {k: v for k, v in sample_values(text).items() if k in names}
+    assert sample_values(text, names) == full
+    assert "time_to_first_token" not in select_families(text, names)
+    # Label values that look like metric names or contain '#' do not confuse the selection.
+    tricky = 'vllm:num_requests_waiting{model_name="vllm:num_requests_running # x"} 2\n'
+    assert parse_engine_load(tricky, "vllm").waiting == 2
+
+
+def test_malformed_text_and_unknown_engine_raise() -> None:
+    with pytest.raises(ValueError):
+        parse_engine_load("vllm:num_requests_waiting not-a-number\n", "vllm")
+    with pytest.raises(ValueError):
+        parse_engine_load(VLLM_V1, "tgi")
+
+
+def test_targets_from_table() -> None:
+    table = mesh_pb2.RoutingTable(
+        models=[
+            mesh_pb2.Model(
+                name="llama",
+                versions=[
+                    mesh_pb2.ModelVersion(
+                        name="v1",
+                        engine="vllm",
+                        endpoints=[mesh_pb2.Endpoint(address="10.0.0.1:8000"), mesh_pb2.Endpoint(address="10.0.0.2:8000", drained=True)],
+                    ),
+                    mesh_pb2.ModelVersion(name="v2", engine="", endpoints=[mesh_pb2.Endpoint(address="10.0.0.3:8000")]),
+                ],
+            )
+        ]
+    )
+    targets = targets_from_table(table)
+    assert [(t.address, t.engine) for t in targets] == [
+        ("10.0.0.1:8000", "vllm"),
+        ("10.0.0.2:8000", "vllm"),
+        ("10.0.0.3:8000", "generic"),
+    ]
+    assert ScrapeTarget("10.0.0.9:8000", "triton", metrics_port=8002).url == "http://10.0.0.9:8002/metrics"
+
+
+# ---------------------------------------------------------------- end to end against live replicas
+
+INTERVAL = 0.05
+TIMEOUT = 0.3
+
+
+class FakeReplica:
+    """An aiohttp server on 127.0.0.1 that serves vLLM-style metrics the test can change."""
+
+    def __init__(self) -> None:
+        self.waiting = 0.0
+        self.kv = 0.1
+        self.hang = False
+        self.status = 200
+        self.hits = 0
+        self._release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        if self.hang:
+            await self._release.wait()
+        body = (
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}\n'
+            "# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running{model_name="m"} 1.0\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f'vllm:kv_cache_usage_perc{{model_name="m"}} {self.kv}\n'
+        )
+        return web.Response(text=body, status=self.status, content_type="text/plain")
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[Callable[[], Awaitable[FakeReplica]]]:
+    started: list[FakeReplica] = []
+
+    async def make() -> FakeReplica:
+        replica = FakeReplica()
+        await replica.start()
+        started.append(replica)
+        return replica
+
+    yield make
+    for replica in started:
+        await replica.stop()
+
+
+def _by_address(report: mesh_pb2.LoadReport) -> dict[str, mesh_pb2.EndpointLoad]:
+    return {e.address: e for e in report.endpoints}
+
+
+async def _until(
+    monitor: LoadMonitor, predicate: Callable[[dict[str, mesh_pb2.EndpointLoad]], bool], within: float
+) -> mesh_pb2.LoadReport:
+    """Wait for a published report satisfying ``predicate``; fail after ``within`` seconds."""
+    seq = 0
+    async with asyncio.timeout(within):
+        while True:
+            report = await monitor.wait_for_report(seq)
+            seq = report.sequence
+            if predicate(_by_address(report)):
+                return report
+
+
+async def test_report_follows_changes_and_a_stopped_replica(replicas) -> None:
+    a, b = await replicas(), await replicas()
+    readings: list[tuple[str, EngineLoad | None, float]] = []
+    monitor = LoadMonitor(
+        [ScrapeTarget(a.address, "vllm"), ScrapeTarget(b.address, "vllm")],
+        interval_s=INTERVAL,
+        timeout_s=TIMEOUT,
+        on_reading=lambda addr, load, age: readings.append((addr, load, age)),
+    )
+    async with monitor:
+        first = await _until(monitor, lambda e: len(e) == 2 and all(x.reachable for x in e.values()), 2)
+        ep = _by_address(first)[a.address]
+        assert (ep.waiting, ep.running, ep.kv_cache, ep.gpu_util) == (0, 1, pytest.approx(0.1), -1)
+        assert 0 <= ep.age_s < 1
+
+        a.waiting, a.kv = 7, 0.9
+        changed_at = time.monotonic()
+        await _until(monitor, lambda e: e[a.address].waiting == 7 and e[a.address].kv_cache == pytest.approx(0.9), 2)
+        assert time.monotonic() - changed_at < 6 * INTERVAL + 0.2
+
+        await b.stop()
+        down = await _until(monitor, lambda e: not e[b.address].reachable, 2)
+        age1 = _by_address(down)[b.address].age_s
+        later = await _until(monitor, lambda e: e[b.address].age_s > age1 + 3 * INTERVAL, 2)
+        assert not _by_address(later)[b.address].reachable
+        assert _by_address(later)[a.address].reachable
+        assert _by_address(later)[a.address].age_s < 1
+        assert monitor.last_error(b.address)
+
+        # Sequence numbers only ever grow.
+        assert later.sequence > down.sequence > first.sequence
+
+    assert any(addr == b.address and load is None for addr, load, _ in readings)
+    assert any(addr == a.address and load is not None and load.waiting == 7 for addr, load, _ in readings)
+
+
+async def test_http_error_is_unreachable_and_recovery_is_seen(replicas) -> None:
+    a = await replicas()
+    async with LoadMonitor([ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT) as monitor:
+        await _until(monitor, lambda e: a.address in e and e[a.address].reachable, 2)
+        a.status = 503
+        await _until(monitor, lambda e: not e[a.address].reachable, 2)
+        a.status, a.waiting = 200, 3
+        await _until(monitor, lambda e: e[a.address].reachable and e[a.address].waiting == 3, 2)
+
+
+async def test_hanging_replica_does_not_stall_the_others(replicas) -> None:
+    fast, slow = await replicas(), await replicas()
+    slow.hang = True
+    async with LoadMonitor(
+        [ScrapeTarget(fast.address, "vllm"), ScrapeTarget(slow.address, "vllm")],
+        interval_s=INTERVAL,
+        timeout_s=TIMEOUT,
+    ) as monitor:
+        start = time.monotonic()
+        # The fast replica is reported long before the slow one's first scrape can time out.
+        await _until(monitor, lambda e: fast.address in e and e[fast.address].reachable, TIMEOUT)
+        assert time.monotonic() - start < TIMEOUT
+
+        # While the slow one hangs, the fast one's changes keep flowing every few intervals.
+        for value in (1, 2, 3):
+            fast.waiting = value
+            t0 = time.monotonic()
+            await _until(monitor, lambda e: e[fast.address].waiting == value, 1)
+            assert time.monotonic() - t0 < 6 * INTERVAL + 0.1
+
+        report = await _until(monitor, lambda e: slow.address in e, 2 * TIMEOUT + 0.5)
+        slow_ep = _by_address(report)[slow.address]
+        assert not slow_ep.reachable and math.isinf(slow_ep.age_s)
+        assert "timed out" in monitor.last_error(slow.address)
+        assert _by_address(report)[fast.address].age_s < 4 * INTERVAL + 0.1
+
+
+async def test_set_targets_adds_and_removes(replicas) -> None:
+    a, b = await replicas(), await replicas()
+    removed: list[str] = []
+    monitor = LoadMonitor([ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT, on_remove=removed.append)
+    await monitor.start()
+    try:
+        await _until(monitor, lambda e: set(e) == {a.address}, 2)
+        b.waiting = 5
+        monitor.set_targets([ScrapeTarget(a.address, "vllm"), ScrapeTarget(b.address, "vllm")])
+        await _until(monitor, lambda e: set(e) == {a.address, b.address} and e[b.address].waiting == 5, 2)
+
+        monitor.set_targets([ScrapeTarget(b.address, "vllm")])
+        assert removed == [a.address]
+        await _until(monitor, lambda e: set(e) == {b.address}, 2)
+        hits = a.hits
+        await asyncio.sleep(4 * INTERVAL)
+        assert a.hits <= hits + 1  # at most the request already in flight
+        assert [t.address for t in monitor.targets] == [b.address]
+    finally:
+        await monitor.stop()
+
+
+async def test_subscribers_stream_and_end_on_stop_without_leaking_tasks(replicas) -> None:
+    a = await replicas()
+    before = asyncio.all_tasks()
+    monitor = LoadMonitor([ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT)
+    await monitor.start()
+    assert [t for t in asyncio.all_tasks() - before if t.get_name().startswith("load-")]
+    seen: list[int] = []
+
+    async def subscribe() -> None:
+        async for report in monitor.reports():
+            seen.append(report.sequence)
+
+    subscriber = asyncio.create_task(subscribe())
+    await monitor.wait_for_report(3, timeout=2)
+    # Heartbeats keep coming even with no change, at about one per interval or more.
+    t0, seq0 = time.monotonic(), monitor.latest().sequence
+    await monitor.wait_for_report(seq0 + 4, timeout=2)
+    assert time.monotonic() - t0 < 8 * INTERVAL + 0.2
+
+    await monitor.stop()
+    await asyncio.wait_for(subscriber, 1)  # the stream ends instead of hanging
+    assert seen == sorted(seen) and len(set(seen)) == len(seen) and len(seen) >= 4
+    with pytest.raises(MonitorStopped):
+        await monitor.wait_for_report(monitor.latest().sequence)
+    # The monitor's own tasks (aiohttp's server-side connection handlers are not ours to judge).
+    leftover = [t for t in asyncio.all_tasks() - before if t.get_name().startswith("load-") and not t.done()]
+    assert leftover == []
+
+
+async def test_wait_for_report_times_out_when_not_started() -> None:
+    monitor = LoadMonitor(interval_s=INTERVAL)
+    with pytest.raises(TimeoutError):
+        await monitor.wait_for_report(0, timeout=0.1)
+    await monitor.stop()
