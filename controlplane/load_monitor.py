@@ -77,6 +77,7 @@ class _EndpointState:
     target: ScrapeTarget
     load: EngineLoad = field(default_factory=EngineLoad)
     last_success: float | None = None  # monotonic clock
+    latency_s: float = 0.0  # recent mean end-to-end latency; 0 = unknown
     reachable: bool = False
     attempted: bool = False
     last_error: str = ""
@@ -280,6 +281,7 @@ class LoadMonitor:
                     gpu_util=load.gpu_util,
                     age_s=math.inf if state.last_success is None else now - state.last_success,
                     reachable=state.reachable,
+                    latency_s=state.latency_s,
                 )
             )
         return mesh_pb2.LoadReport(sequence=self._latest.sequence, endpoints=endpoints)
@@ -354,6 +356,7 @@ class LoadMonitor:
             state.last_error = _describe(exc)
             reading: EngineLoad | None = None
         else:
+            state.latency_s = _recent_latency(state.load, load, state.latency_s)
             state.load = load
             state.last_success = time.monotonic()
             state.reachable = True
@@ -379,6 +382,19 @@ class LoadMonitor:
             callback(*args)
         except Exception:
             log.exception("load monitor callback %r failed", callback)
+
+
+def _recent_latency(previous: EngineLoad, current: EngineLoad, smoothed: float) -> float:
+    """Mean latency of the requests that finished between two scrapes, smoothed (EWMA, 1/2).
+
+    Unchanged when none finished; a counter reset (replica restart) starts over.
+    """
+    finished = current.latency_count - previous.latency_count
+    spent = current.latency_sum - previous.latency_sum
+    if finished <= 0 or spent < 0:
+        return smoothed if finished == 0 else 0.0
+    mean = spent / finished
+    return mean if smoothed == 0.0 else 0.5 * smoothed + 0.5 * mean
 
 
 def _describe(exc: BaseException) -> str:

@@ -31,6 +31,10 @@ class EngineLoad:
     running: float = 0.0
     kv_cache: float = 0.0
     gpu_util: float = -1.0
+    # Cumulative end-to-end latency (histogram sum and count); the monitor turns deltas between
+    # scrapes into a recent mean latency, which is what converts "requests sent" into "in flight".
+    latency_sum: float = 0.0
+    latency_count: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +45,15 @@ class _EngineNames:
     running: tuple[str, ...] = ()
     kv_cache: tuple[str, ...] = ()
     gpu_util: tuple[str, ...] = ()  # engine-native, already 0..1
+    latency: str = ""  # histogram family of end-to-end request latency in seconds
     # Only where the engine's own KV signal *is* GPU memory (Triton). vLLM, SGLang and TRT-LLM
     # preallocate most of the GPU at start, so memory in use says nothing about their KV pressure
     # and would make every replica look saturated.
     kv_from_memory: bool = False
 
     def all_names(self) -> tuple[str, ...]:
-        return self.waiting + self.running + self.kv_cache + self.gpu_util
+        latency = (self.latency + "_sum", self.latency + "_count") if self.latency else ()
+        return self.waiting + self.running + self.kv_cache + self.gpu_util + latency
 
 
 _NAMES: dict[str, _EngineNames] = {
@@ -55,11 +61,13 @@ _NAMES: dict[str, _EngineNames] = {
         waiting=("vllm:num_requests_waiting",),
         running=("vllm:num_requests_running",),
         kv_cache=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+        latency="vllm:e2e_request_latency_seconds",
     ),
     "sglang": _EngineNames(
         waiting=("sglang:num_queue_reqs",),
         running=("sglang:num_running_reqs",),
         kv_cache=("sglang:token_usage",),
+        latency="sglang:e2e_request_latency_seconds",
     ),
     "trtllm": _EngineNames(
         waiting=("trtllm_num_requests_waiting",),
@@ -214,6 +222,8 @@ def load_from_values(values: dict[str, list[float]], engine: str) -> EngineLoad:
         running=_sum(_first(values, names.running)),
         kv_cache=0.0 if kv is None else _clamp01(kv),
         gpu_util=-1.0 if gpu is None else _clamp01(gpu),
+        latency_sum=_sum(values.get(names.latency + "_sum")) if names.latency else 0.0,
+        latency_count=_sum(values.get(names.latency + "_count")) if names.latency else 0.0,
     )
 
 

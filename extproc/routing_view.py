@@ -232,7 +232,7 @@ class Reading:
     """One replica's load. ``scraped_at`` is the monotonic time of its last good scrape
     (``-inf`` when it never answered), so its age at any moment is ``now - scraped_at``."""
 
-    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "reachable", "scraped_at")
+    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "reachable", "scraped_at", "latency_s")
 
     def __init__(
         self,
@@ -243,6 +243,7 @@ class Reading:
         gpu_util: float = -1.0,
         reachable: bool = True,
         scraped_at: float = 0.0,
+        latency_s: float = 0.0,
     ):
         self.address = address
         self.waiting = waiting
@@ -251,6 +252,7 @@ class Reading:
         self.gpu_util = gpu_util
         self.reachable = reachable
         self.scraped_at = scraped_at
+        self.latency_s = latency_s  # recent mean end-to-end latency; 0 = unknown
 
     def age(self, now: float) -> float:
         return now - self.scraped_at
@@ -279,7 +281,7 @@ class LoadView:
             age = e.age_s
             scraped_at = received_at - age if math.isfinite(age) else -math.inf
             readings[e.address] = Reading(
-                e.address, e.waiting, e.running, e.kv_cache, e.gpu_util, e.reachable, scraped_at
+                e.address, e.waiting, e.running, e.kv_cache, e.gpu_util, e.reachable, scraped_at, e.latency_s
             )
         return cls(report.sequence, received_at, readings)
 

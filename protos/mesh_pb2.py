@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/mesh.proto\x12\x08imesh.v1\"\x96\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x15\n\rcost_per_hour\x18\x04 \x01(\x01\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x0c\n\x04zone\x18\x06 \x01(\t\x12\x0f\n\x07\x64rained\x18\x07 \x01(\x08\x12\x17\n\x0fmax_concurrency\x18\x08 \x01(\r\"\x8c\x01\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x04 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12%\n\tendpoints\x18\x06 \x03(\x0b\x32\x12.imesh.v1.Endpoint\"?\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x08versions\x18\x02 \x03(\x0b\x32\x16.imesh.v1.ModelVersion\"r\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x17\n\x0fpreferred_tiers\x18\x03 \x03(\t\x12\x14\n\x0cstrict_tiers\x18\x04 \x01(\x08\x12\x16\n\x0eshed_threshold\x18\x05 \x01(\x01\"\x99\x01\n\x07Scoring\x12\x14\n\x0cqueue_weight\x18\x01 \x01(\x01\x12\x17\n\x0fkv_cache_weight\x18\x02 \x01(\x01\x12\x17\n\x0finflight_weight\x18\x03 \x01(\x01\x12\x18\n\x10saturation_queue\x18\x04 \x01(\x01\x12\x15\n\rsaturation_kv\x18\x05 \x01(\x01\x12\x15\n\rstale_after_s\x18\x06 \x01(\x01\"\xc3\x01\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1f\n\x06models\x18\x02 \x03(\x0b\x32\x0f.imesh.v1.Model\x12+\n\npriorities\x18\x03 \x03(\x0b\x32\x17.imesh.v1.PriorityClass\x12\x18\n\x10\x64\x65\x66\x61ult_priority\x18\x04 \x01(\t\x12\"\n\x07scoring\x18\x05 \x01(\x0b\x32\x11.imesh.v1.Scoring\x12\x16\n\x0emax_body_bytes\x18\x06 \x01(\x04\"\x87\x01\n\x0c\x45ndpointLoad\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\x01\x12\x0f\n\x07running\x18\x03 \x01(\x01\x12\x10\n\x08kv_cache\x18\x04 \x01(\x01\x12\x10\n\x08gpu_util\x18\x05 \x01(\x01\x12\r\n\x05\x61ge_s\x18\x06 \x01(\x01\x12\x11\n\treachable\x18\x07 \x01(\x08\"I\n\nLoadReport\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12)\n\tendpoints\x18\x02 \x03(\x0b\x32\x16.imesh.v1.EndpointLoad\"!\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"K\n\x10\x41pplySpecRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0bsource_name\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"J\n\x11\x41pplySpecResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x0c\n\x04\x64iff\x18\x02 \x03(\t\x12\x16\n\x0e\x63onfig_version\x18\x03 \x01(\x04\"\x10\n\x0eGetSpecRequest\"9\n\x0cSpecDocument\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\x9a\x01\n\x0f\x45nvoyNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x15\n\racked_version\x18\x03 \x01(\t\x12\x16\n\x0elast_nack_type\x18\x04 \x01(\t\x12\x19\n\x11last_nack_version\x18\x05 \x01(\t\x12\x19\n\x11last_nack_message\x18\x06 \x01(\t\"\x99\x01\n\nMeshStatus\x12\x16\n\x0e\x63onfig_version\x18\x01 \x01(\x04\x12(\n\x05nodes\x18\x02 \x03(\x0b\x32\x19.imesh.v1.EnvoyNodeStatus\x12%\n\x05table\x18\x03 \x01(\x0b\x32\x16.imesh.v1.RoutingTable\x12\"\n\x04load\x18\x04 \x01(\x0b\x32\x14.imesh.v1.LoadReport2\x8f\x01\n\tMeshState\x12\x45\n\x11WatchRoutingTable\x12\x16.imesh.v1.WatchRequest\x1a\x16.imesh.v1.RoutingTable0\x01\x12;\n\tWatchLoad\x12\x16.imesh.v1.WatchRequest\x1a\x14.imesh.v1.LoadReport0\x01\x32\xca\x01\n\tMeshAdmin\x12\x44\n\tApplySpec\x12\x1a.imesh.v1.ApplySpecRequest\x1a\x1b.imesh.v1.ApplySpecResponse\x12;\n\x07GetSpec\x12\x18.imesh.v1.GetSpecRequest\x1a\x16.imesh.v1.SpecDocument\x12:\n\tGetStatus\x12\x17.imesh.v1.StatusRequest\x1a\x14.imesh.v1.MeshStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/mesh.proto\x12\x08imesh.v1\"\x96\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x15\n\rcost_per_hour\x18\x04 \x01(\x01\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x0c\n\x04zone\x18\x06 \x01(\t\x12\x0f\n\x07\x64rained\x18\x07 \x01(\x08\x12\x17\n\x0fmax_concurrency\x18\x08 \x01(\r\"\x8c\x01\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x04 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12%\n\tendpoints\x18\x06 \x03(\x0b\x32\x12.imesh.v1.Endpoint\"?\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x08versions\x18\x02 \x03(\x0b\x32\x16.imesh.v1.ModelVersion\"r\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x17\n\x0fpreferred_tiers\x18\x03 \x03(\t\x12\x14\n\x0cstrict_tiers\x18\x04 \x01(\x08\x12\x16\n\x0eshed_threshold\x18\x05 \x01(\x01\"\x99\x01\n\x07Scoring\x12\x14\n\x0cqueue_weight\x18\x01 \x01(\x01\x12\x17\n\x0fkv_cache_weight\x18\x02 \x01(\x01\x12\x17\n\x0finflight_weight\x18\x03 \x01(\x01\x12\x18\n\x10saturation_queue\x18\x04 \x01(\x01\x12\x15\n\rsaturation_kv\x18\x05 \x01(\x01\x12\x15\n\rstale_after_s\x18\x06 \x01(\x01\"\xc3\x01\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1f\n\x06models\x18\x02 \x03(\x0b\x32\x0f.imesh.v1.Model\x12+\n\npriorities\x18\x03 \x03(\x0b\x32\x17.imesh.v1.PriorityClass\x12\x18\n\x10\x64\x65\x66\x61ult_priority\x18\x04 \x01(\t\x12\"\n\x07scoring\x18\x05 \x01(\x0b\x32\x11.imesh.v1.Scoring\x12\x16\n\x0emax_body_bytes\x18\x06 \x01(\x04\"\x9a\x01\n\x0c\x45ndpointLoad\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\x01\x12\x0f\n\x07running\x18\x03 \x01(\x01\x12\x10\n\x08kv_cache\x18\x04 \x01(\x01\x12\x10\n\x08gpu_util\x18\x05 \x01(\x01\x12\r\n\x05\x61ge_s\x18\x06 \x01(\x01\x12\x11\n\treachable\x18\x07 \x01(\x08\x12\x11\n\tlatency_s\x18\x08 \x01(\x01\"I\n\nLoadReport\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12)\n\tendpoints\x18\x02 \x03(\x0b\x32\x16.imesh.v1.EndpointLoad\"!\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"K\n\x10\x41pplySpecRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0bsource_name\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"J\n\x11\x41pplySpecResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x0c\n\x04\x64iff\x18\x02 \x03(\t\x12\x16\n\x0e\x63onfig_version\x18\x03 \x01(\x04\"\x10\n\x0eGetSpecRequest\"9\n\x0cSpecDocument\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\x9a\x01\n\x0f\x45nvoyNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x15\n\racked_version\x18\x03 \x01(\t\x12\x16\n\x0elast_nack_type\x18\x04 \x01(\t\x12\x19\n\x11last_nack_version\x18\x05 \x01(\t\x12\x19\n\x11last_nack_message\x18\x06 \x01(\t\"\x99\x01\n\nMeshStatus\x12\x16\n\x0e\x63onfig_version\x18\x01 \x01(\x04\x12(\n\x05nodes\x18\x02 \x03(\x0b\x32\x19.imesh.v1.EnvoyNodeStatus\x12%\n\x05table\x18\x03 \x01(\x0b\x32\x16.imesh.v1.RoutingTable\x12\"\n\x04load\x18\x04 \x01(\x0b\x32\x14.imesh.v1.LoadReport2\x8f\x01\n\tMeshState\x12\x45\n\x11WatchRoutingTable\x12\x16.imesh.v1.WatchRequest\x1a\x16.imesh.v1.RoutingTable0\x01\x12;\n\tWatchLoad\x12\x16.imesh.v1.WatchRequest\x1a\x14.imesh.v1.LoadReport0\x01\x32\xca\x01\n\tMeshAdmin\x12\x44\n\tApplySpec\x12\x1a.imesh.v1.ApplySpecRequest\x1a\x1b.imesh.v1.ApplySpecResponse\x12;\n\x07GetSpec\x12\x18.imesh.v1.GetSpecRequest\x1a\x16.imesh.v1.SpecDocument\x12:\n\tGetStatus\x12\x17.imesh.v1.StatusRequest\x1a\x14.imesh.v1.MeshStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTINGTABLE']._serialized_start=665
   _globals['_ROUTINGTABLE']._serialized_end=860
   _globals['_ENDPOINTLOAD']._serialized_start=863
-  _globals['_ENDPOINTLOAD']._serialized_end=998
-  _globals['_LOADREPORT']._serialized_start=1000
-  _globals['_LOADREPORT']._serialized_end=1073
-  _globals['_WATCHREQUEST']._serialized_start=1075
-  _globals['_WATCHREQUEST']._serialized_end=1108
-  _globals['_APPLYSPECREQUEST']._serialized_start=1110
-  _globals['_APPLYSPECREQUEST']._serialized_end=1185
-  _globals['_APPLYSPECRESPONSE']._serialized_start=1187
-  _globals['_APPLYSPECRESPONSE']._serialized_end=1261
-  _globals['_GETSPECREQUEST']._serialized_start=1263
-  _globals['_GETSPECREQUEST']._serialized_end=1279
-  _globals['_SPECDOCUMENT']._serialized_start=1281
-  _globals['_SPECDOCUMENT']._serialized_end=1338
-  _globals['_STATUSREQUEST']._serialized_start=1340
-  _globals['_STATUSREQUEST']._serialized_end=1355
-  _globals['_ENVOYNODESTATUS']._serialized_start=1358
-  _globals['_ENVOYNODESTATUS']._serialized_end=1512
-  _globals['_MESHSTATUS']._serialized_start=1515
-  _globals['_MESHSTATUS']._serialized_end=1668
-  _globals['_MESHSTATE']._serialized_start=1671
-  _globals['_MESHSTATE']._serialized_end=1814
-  _globals['_MESHADMIN']._serialized_start=1817
-  _globals['_MESHADMIN']._serialized_end=2019
+  _globals['_ENDPOINTLOAD']._serialized_end=1017
+  _globals['_LOADREPORT']._serialized_start=1019
+  _globals['_LOADREPORT']._serialized_end=1092
+  _globals['_WATCHREQUEST']._serialized_start=1094
+  _globals['_WATCHREQUEST']._serialized_end=1127
+  _globals['_APPLYSPECREQUEST']._serialized_start=1129
+  _globals['_APPLYSPECREQUEST']._serialized_end=1204
+  _globals['_APPLYSPECRESPONSE']._serialized_start=1206
+  _globals['_APPLYSPECRESPONSE']._serialized_end=1280
+  _globals['_GETSPECREQUEST']._serialized_start=1282
+  _globals['_GETSPECREQUEST']._serialized_end=1298
+  _globals['_SPECDOCUMENT']._serialized_start=1300
+  _globals['_SPECDOCUMENT']._serialized_end=1357
+  _globals['_STATUSREQUEST']._serialized_start=1359
+  _globals['_STATUSREQUEST']._serialized_end=1374
+  _globals['_ENVOYNODESTATUS']._serialized_start=1377
+  _globals['_ENVOYNODESTATUS']._serialized_end=1531
+  _globals['_MESHSTATUS']._serialized_start=1534
+  _globals['_MESHSTATUS']._serialized_end=1687
+  _globals['_MESHSTATE']._serialized_start=1690
+  _globals['_MESHSTATE']._serialized_end=1833
+  _globals['_MESHADMIN']._serialized_start=1836
+  _globals['_MESHADMIN']._serialized_end=2038
 # @@protoc_insertion_point(module_scope)

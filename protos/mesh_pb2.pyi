@@ -97,7 +97,7 @@ class RoutingTable(_message.Message):
     def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., priorities: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority: _Optional[str] = ..., scoring: _Optional[_Union[Scoring, _Mapping]] = ..., max_body_bytes: _Optional[int] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
-    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "age_s", "reachable")
+    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "age_s", "reachable", "latency_s")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class EndpointLoad(_message.Message):
     GPU_UTIL_FIELD_NUMBER: _ClassVar[int]
     AGE_S_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     address: str
     waiting: float
     running: float
@@ -112,7 +113,8 @@ class EndpointLoad(_message.Message):
     gpu_util: float
     age_s: float
     reachable: bool
-    def __init__(self, address: _Optional[str] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache: _Optional[float] = ..., gpu_util: _Optional[float] = ..., age_s: _Optional[float] = ..., reachable: _Optional[bool] = ...) -> None: ...
+    latency_s: float
+    def __init__(self, address: _Optional[str] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache: _Optional[float] = ..., gpu_util: _Optional[float] = ..., age_s: _Optional[float] = ..., reachable: _Optional[bool] = ..., latency_s: _Optional[float] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("sequence", "endpoints")
