@@ -6,9 +6,10 @@ separate processes talking real gRPC and HTTP over loopback.
 
 from __future__ import annotations
 
+import random
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -43,15 +44,33 @@ class MeshPorts:
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct ports the kernel considers free right now (held open together so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
+    """Distinct ports free right now, from below the kernel's ephemeral range.
+
+    Ports the kernel hands out for port 0 come from the same range as the source ports of
+    outgoing connections, so a port picked that way can be taken by a client socket before the
+    server binds it. Ports below that range are only ever taken by an explicit bind.
+    """
+    low, high = _ephemeral_range()
+    candidates = random.sample(range(20_000, min(low, 65_536)), k=min(4 * count + 64, min(low, 65_536) - 20_000))
+    chosen: list[int] = []
+    for port in candidates:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise RuntimeError(f"could not find {count} free ports below {low}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
 
 
 @dataclass
@@ -181,6 +200,3 @@ class LocalMesh:
 def demo_mesh(workdir: Path, ports: MeshPorts = MeshPorts()) -> LocalMesh:
     return LocalMesh(spec=DEMO_SPEC, workdir=workdir, ports=ports, fleet_config=DEMO_FLEET)
 
-
-def with_ports(mesh: LocalMesh, ports: MeshPorts) -> LocalMesh:
-    return replace(mesh, ports=ports, processes={})
