@@ -53,9 +53,13 @@ def main() -> None:
 @click.option("--admin-port", type=int, default=9901, show_default=True)
 @click.option("--control-plane-port", type=int, default=18000, show_default=True)
 @click.option("--extproc-port", type=int, default=18001, show_default=True)
+@click.option("--control-plane-metrics-port", type=int, default=9090, show_default=True)
+@click.option("--extproc-metrics-port", type=int, default=9091, show_default=True)
 @click.option("--envoy-concurrency", type=int, default=1, show_default=True, help="Envoy worker threads.")
+@click.option("--extproc-workers", type=int, default=1, show_default=True, help="ext_proc processes (one core each).")
 def up(demo: bool, spec: Path | None, workdir: Path, listener_port: int, admin_port: int,
-       control_plane_port: int, extproc_port: int, envoy_concurrency: int) -> None:
+       control_plane_port: int, extproc_port: int, control_plane_metrics_port: int, extproc_metrics_port: int,
+       envoy_concurrency: int, extproc_workers: int) -> None:
     """Run the whole mesh on this machine until Ctrl-C."""
     from imesh.local_mesh import DEMO_FLEET, DEMO_SPEC, LocalMesh, MeshPorts
     from imesh.processes import StartupError
@@ -63,13 +67,15 @@ def up(demo: bool, spec: Path | None, workdir: Path, listener_port: int, admin_p
     if not demo and spec is None:
         raise click.UsageError("give a spec with -f FILE, or --demo for the simulated fleet")
     ports = MeshPorts(listener=listener_port, admin=admin_port, control_plane=control_plane_port,
-                      extproc=extproc_port)
+                      control_plane_metrics=control_plane_metrics_port, extproc=extproc_port,
+                      extproc_metrics=extproc_metrics_port)
     mesh = LocalMesh(
         spec=spec or DEMO_SPEC,
         workdir=workdir / ("demo" if demo else "mesh"),
         ports=ports,
         fleet_config=DEMO_FLEET if demo else None,
         envoy_concurrency=envoy_concurrency,
+        extproc_workers=extproc_workers,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the `finally` below on SIGTERM too
     try:
