@@ -126,34 +126,31 @@ def test_oversized_body_is_413(client):
 # ---------------------------------------------------------------- load and weights
 
 
-def test_loaded_replica_receives_fewer_requests(mesh):
-    mesh.set_faults("fast-b", extra_waiting=4)  # a queue the replica reports but the idle peer has not
+def counts_with_fault(mesh, fault: dict, healthy: dict, n: int, concurrency: int, max_tokens: int):
+    """Requests served by fast-a (healthy) and fast-b (with `fault`) while the fault lasts."""
+    mesh.set_faults("fast-b", **fault)
     time.sleep(0.5)  # a few scrapes
     try:
-        # Requests long enough (~60 ms) that in-flight work, not just the reported queue, shows.
-        responses = send_many(mesh.url, 160, lambda c, i: c.post("/v1/chat/completions",
-                                                                 json=chat("chat", max_tokens=150)),
-                              concurrency=4)
+        responses = send_many(
+            mesh.url, n, lambda c, i: c.post("/v1/chat/completions", json=chat("chat", max_tokens=max_tokens)),
+            concurrency=concurrency,
+        )
     finally:
-        mesh.set_faults("fast-b", extra_waiting=0)
+        mesh.set_faults("fast-b", **healthy)
     assert all(r.status_code == 200 for r in responses)
     counts = served_by(responses)
-    idle, loaded = counts[mesh.replica("fast-a").address], counts[mesh.replica("fast-b").address]
+    return counts[mesh.replica("fast-a").address], counts[mesh.replica("fast-b").address], counts
+
+
+def test_loaded_replica_receives_fewer_requests(mesh):
+    # A queue the replica reports but its idle peer has not; requests long enough (~60 ms) that
+    # in-flight work, not just the reported queue, shows.
+    idle, loaded, counts = counts_with_fault(mesh, {"extra_waiting": 4}, {"extra_waiting": 0}, 160, 4, 150)
     assert idle > 2 * loaded, counts
 
 
 def test_slow_replica_receives_fewer_requests(mesh):
-    mesh.set_faults("fast-b", slowdown=20)
-    try:
-        responses = send_many(
-            mesh.url, 240, lambda c, i: c.post("/v1/chat/completions", json=chat("chat", max_tokens=16)),
-            concurrency=12,
-        )
-    finally:
-        mesh.set_faults("fast-b", slowdown=1)
-    assert all(r.status_code == 200 for r in responses)
-    counts = served_by(responses)
-    fast, slow = counts[mesh.replica("fast-a").address], counts[mesh.replica("fast-b").address]
+    fast, slow, counts = counts_with_fault(mesh, {"slowdown": 20}, {"slowdown": 1}, 240, 12, 16)
     assert fast > 1.5 * slow, counts
 
 
