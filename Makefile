@@ -25,7 +25,9 @@ run: setup
 test: setup
 	$(PY) -m pytest -n 2 -q
 
+# A few minutes; writes docs/benchmarks.md and its plots. wrk is Debian's load generator.
 bench: setup
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y --no-install-recommends wrk)
 	$(PY) -m bench
 
 clean:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
 from pathlib import Path
 
 import uvloop
+from prometheus_client import disable_created_metrics
 
 from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.spec import SpecError, load_spec
@@ -27,6 +29,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listener-host", default="127.0.0.1", help="address Envoy's listener binds")
     parser.add_argument("--listener-port", type=int, default=8080)
     parser.add_argument("--scrape-interval", type=float, default=0.1, help="seconds between load scrapes")
+    parser.add_argument("--stats-window", type=float, default=30.0, help="seconds of traffic `imesh status` reports")
+    telemetry = parser.add_argument_group("telemetry (docs/observability.md)")
+    telemetry.add_argument("--access-log-path", default="/dev/stdout",
+                           help="Envoy's JSON access log file ('' = none)")
+    telemetry.add_argument("--access-log-flush", type=float, default=0.5,
+                           help="seconds Envoy batches access log entries for the control plane")
+    telemetry.add_argument("--no-grpc-access-log", action="store_true",
+                           help="no access log stream to the control plane (no request metrics or status traffic)")
+    telemetry.add_argument("--tracing-collector", default="", help="OTLP/gRPC collector host:port for Envoy's tracer")
+    telemetry.add_argument("--trace-sampling", type=float, default=100.0,
+                           help="percent of requests traced when the client sent no sampling decision")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -37,12 +50,26 @@ async def serve(args: argparse.Namespace) -> None:
         state_dir=args.state_dir,
         host=args.host,
         grpc_port=args.grpc_port,
-        envoy=EnvoyOptions(listener_host=args.listener_host, listener_port=args.listener_port),
+        envoy=EnvoyOptions(
+            listener_host=args.listener_host,
+            listener_port=args.listener_port,
+            grpc_access_log=not args.no_grpc_access_log,
+            access_log_flush_s=args.access_log_flush,
+            access_log_path=args.access_log_path,
+            tracing_collector=args.tracing_collector,
+            trace_sampling_percent=args.trace_sampling,
+        ),
         scrape_interval_s=args.scrape_interval,
+        stats_window_s=args.stats_window,
     )
     control_plane = ControlPlane(config)
     await control_plane.start()
-    http = await start_http_server(args.host, args.metrics_port, lambda: control_plane.ready)
+    # What start-up built (the spec, the mesh model's shared objects, the first snapshot) lives as
+    # long as the process: keep the cyclic GC from re-scanning it during every rebuild (at 10,000
+    # endpoints a full collection otherwise stalls a rebuild by ~50 ms; docs/xds.md).
+    gc.freeze()
+    http = await start_http_server(args.host, args.metrics_port, lambda: control_plane.ready,
+                                   registry=control_plane.observability.registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,6 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
+    disable_created_metrics()  # *_created series: twice the series, unused by Prometheus' text format
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape would drown the log
     try:

@@ -3,3 +3,12 @@
 
 class ConfigRejected(RuntimeError):
     """Envoy NACKed a change; the message carries Envoy's own words. The change was reverted."""
+
+
+class InvalidRequest(ValueError):
+    """The request names something that does not exist or a value out of range (INVALID_ARGUMENT)."""
+
+
+class Conflict(RuntimeError):
+    """The request is valid but the mesh's state forbids it now, e.g. another canary is in
+    progress (FAILED_PRECONDITION); the message says what to do first."""

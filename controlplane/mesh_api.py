@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import grpc
 
-from controlplane.errors import ConfigRejected
+from controlplane.canary import CanaryView, reconcile_overrides
+from controlplane.canary_state import Gates
+from controlplane.drain import set_drain
+from controlplane.errors import ConfigRejected, Conflict, InvalidRequest
+from controlplane.mesh_model import build_mesh_model
+from controlplane.route_table import route_entries
 from controlplane.spec import SpecError, parse_spec
 from protos import mesh_pb2, mesh_pb2_grpc
 
@@ -35,11 +40,15 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         diff = self._cp.diff(spec)
         version = self._cp.config_version
-        if diff and not request.dry_run:
-            try:
+        try:
+            state = self._cp.store.state
+            kept = reconcile_overrides(state.spec, spec, state.overrides)  # a dry run says so too
+            diff += [f"~ models.{m}: the spec's weights replace the live ones set by `imesh canary`"
+                     for m in sorted(set(state.overrides.weights) - set(kept.weights)) if diff]
+            if diff and not request.dry_run:
                 version = await self._cp.apply_spec(spec)
-            except ConfigRejected as exc:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (ConfigRejected, Conflict) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return mesh_pb2.ApplySpecResponse(changed=bool(diff), diff=diff, config_version=version)
 
     async def GetSpec(self, request, context):
@@ -47,6 +56,89 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
 
     async def GetStatus(self, request, context):
         return self._cp.status()
+
+    async def GetRoutes(self, request, context):
+        state = self._cp.store.state
+        model = build_mesh_model(state.spec, state.overrides, state.version)
+        return mesh_pb2.RoutesResponse(config_version=state.version, routes=route_entries(model))
+
+    # ------------------------------------------------------------ canary and drain
+    # Each maps the control plane's errors to a status the CLI turns into a clear message:
+    # INVALID_ARGUMENT (unknown name, bad value), FAILED_PRECONDITION (state forbids it, or Envoy
+    # rejected the change: its own message), nothing half-applied either way.
+
+    async def SetCanary(self, request, context):
+        return await self._canary_change(context, self._cp.canary.set_percent(request.model, request.version,
+                                                                               request.percent))
+
+    async def StartCanary(self, request, context):
+        gates = Gates(request.gates.max_error_rate, request.gates.max_p99_s, request.gates.min_samples)
+        return await self._canary_change(
+            context,
+            self._cp.canary.start_progressive(request.model, request.version, list(request.steps),
+                                              request.interval_s, gates),
+        )
+
+    async def PromoteCanary(self, request, context):
+        return await self._canary_change(context, self._cp.canary.promote(request.model))
+
+    async def RollbackCanary(self, request, context):
+        return await self._canary_change(context, self._cp.canary.rollback(request.model))
+
+    async def GetCanaryStatus(self, request, context):
+        views = await _guarded(context, _immediate(lambda: self._cp.canary.status(request.model)))
+        return mesh_pb2.CanaryStatusResponse(canaries=[canary_proto(v) for v in views])
+
+    async def SetDrain(self, request, context):
+        result = await _guarded(context, set_drain(self._cp, request.address, request.drained))
+        return mesh_pb2.DrainResponse(config_version=result.config_version, changed=result.changed,
+                                      model=result.model, version=result.version)
+
+    async def _canary_change(self, context, operation) -> mesh_pb2.CanaryChange:
+        version, state = await _guarded(context, operation)
+        view = next(v for v in self._cp.canary.status(state.model) if v.state.model == state.model)
+        return mesh_pb2.CanaryChange(config_version=version, canary=canary_proto(view))
+
+
+async def _immediate(fn):
+    return fn()
+
+
+async def _guarded(context, operation):
+    try:
+        return await operation
+    except InvalidRequest as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except (Conflict, ConfigRejected) as exc:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+
+def canary_proto(view: CanaryView) -> mesh_pb2.CanaryState:
+    state = view.state
+    gates = state.gates
+    return mesh_pb2.CanaryState(
+        model=state.model,
+        version=state.version,
+        phase=state.phase,
+        percent=state.percent,
+        steps=list(state.steps),
+        step=state.step,
+        interval_s=state.interval_s,
+        gates=mesh_pb2.CanaryGates(max_error_rate=gates.max_error_rate, max_p99_s=gates.max_p99_s,
+                                   min_samples=gates.min_samples) if gates is not None else None,
+        step_started_at_unix_s=state.step_started_at,
+        baseline_weights=state.baseline_weights,
+        weights=view.weights,
+        previous_stable=state.previous_stable,
+        reason=state.reason,
+        readings=[
+            mesh_pb2.GateReading(version=r.version, samples=r.samples, errors=r.errors, error_rate=r.error_rate,
+                                 p99_s=r.p99_s, window_s=r.window_s)
+            for r in view.readings
+        ],
+        history=[mesh_pb2.CanaryEvent(at_unix_s=e.at, message=e.message) for e in state.history],
+        waiting_for=view.waiting_for,
+    )
 
 
 def add_to_server(server: grpc.aio.Server, control_plane) -> None:

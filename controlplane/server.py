@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,14 +18,18 @@ import grpc
 
 from controlplane import ads, mesh_api
 from controlplane.broadcast import Latest
+from controlplane.canary import CanaryController, reconcile_overrides
 from controlplane.errors import ConfigRejected
+from controlplane.fast_path import LoadWeights
 from controlplane.load_monitor import LoadMonitor, targets_from_table
 from controlplane.mesh_model import Overrides, build_mesh_model
+from controlplane.observability import Observability
 from controlplane.snapshot import Snapshot, resources_by_type
 from controlplane.spec import MeshSpec, dump_spec
 from controlplane.spec_diff import diff_specs
 from controlplane.store import StateStore
 from controlplane.translate_envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
+from controlplane.translate_memo import TranslationMemo
 from controlplane.translate_table import translate_routing_table
 from controlplane.xds_cache import SnapshotCache
 from protos import mesh_pb2
@@ -42,6 +47,7 @@ class ControlPlaneConfig:
     scrape_interval_s: float = 0.1
     debounce_s: float = 0.1
     ack_timeout_s: float = 5.0
+    stats_window_s: float = 30.0  # the traffic window `imesh status` reports
 
 
 class ControlPlane:
@@ -49,18 +55,25 @@ class ControlPlane:
         self.config = config
         self.store = StateStore(config.state_dir, config.spec)
         self.cache = SnapshotCache(known_static_clusters={EXTPROC_CLUSTER, "imesh_xds"})
+        self._translation_memo = TranslationMemo()
         # The cache forgets a NACK once a later config is fully ACKed (e.g. our own revert); the
         # operator still needs to see the last one, so it is remembered per node here.
         self._last_nacks: dict[str, tuple[str, str, str]] = {}
         self.cache.nack_hooks.append(self._remember_nack)
         self.tables: Latest[mesh_pb2.RoutingTable] = Latest()
         self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)
+        # Access-log records, /metrics and status traffic (docs/observability.md).
+        self.observability = Observability(self.cache, self.load_monitor, lambda: self.config_version,
+                                           stats_window_s=config.stats_window_s)
+        self.request_records = self.observability.records  # add_sink(fn) to receive every RequestRecord
         self._rebuild_requested = asyncio.Event()
         self._rebuilt = asyncio.Condition()
         self._built_version = 0
         self._rejected: dict[int, str] = {}
         self._tasks: list[asyncio.Task] = []
         self._server: grpc.aio.Server | None = None
+        self.canary = CanaryController(self)
+        self.load_weights = LoadWeights()  # EDS weights of the fast path's replicas (controlplane/fast_path.py)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -70,13 +83,18 @@ class ControlPlane:
         self._server = grpc.aio.server()
         ads.add_to_server(self._server, self.cache)
         mesh_api.add_to_server(self._server, self)
+        self.observability.add_to_server(self._server)  # Envoy's access log stream (ALS)
         self._server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
         await self._server.start()
         self._tasks.append(asyncio.create_task(self._debounced_rebuilds()))
+        self._tasks.append(asyncio.create_task(self._follow_load()))
+        self.request_records.add_sink(self.canary.windows)  # canary gates judge the access-log records
+        self.canary.start()  # resumes a progressive canary where the persisted state left it
         log.info("control plane serving on %s:%d, config version %d",
                  self.config.host, self.config.grpc_port, self.config_version)
 
     async def stop(self) -> None:
+        await self.canary.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -102,8 +120,10 @@ class ControlPlane:
 
     async def apply_spec(self, spec: MeshSpec) -> int:
         """Persist a new spec and return once Envoy applied it; raise ConfigRejected if Envoy refused it."""
-        # Overrides for versions the new spec no longer has would be meaningless: drop them.
-        return await self._commit_or_revert(spec=spec, overrides=_prune_overrides(self.store.state.overrides, spec))
+        # Overrides for versions the new spec no longer has would be meaningless: drop them. Weights
+        # the spec changes win over overrides; a canary in progress forbids that (Conflict).
+        overrides = reconcile_overrides(self.store.state.spec, spec, self.store.state.overrides)
+        return await self._commit_or_revert(spec=spec, overrides=_prune_overrides(overrides, spec))
 
     async def set_overrides(self, overrides: Overrides) -> int:
         return await self._commit_or_revert(overrides=overrides)
@@ -127,21 +147,42 @@ class ControlPlane:
         return state.version
 
     async def _debounced_rebuilds(self) -> None:
+        # Leading edge: a change after a quiet spell is built at once, and what arrives within
+        # debounce_s of a build's start waits for the next one. At most one config version per
+        # window, so a burst still coalesces, and a lone `imesh canary set` does not sit out the
+        # window first (docs/xds.md, "Convergence").
+        last_build = -math.inf
         while True:
             await self._rebuild_requested.wait()
-            await asyncio.sleep(self.config.debounce_s)  # coalesce a burst into one version
+            wait = last_build + self.config.debounce_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # coalesce the rest of a burst into one version
             self._rebuild_requested.clear()
+            last_build = time.monotonic()
             try:
                 await self._rebuild()
             except Exception:  # a bad rebuild must not kill the loop; the last good config stays
                 log.exception("rebuild failed; keeping the last published config")
 
+    async def _follow_load(self) -> None:
+        """Fast path: turn load reports into EDS weights; a rebuild only when they moved enough."""
+        async for report in self.load_monitor.reports():
+            try:
+                if self.load_weights.update(self.store.state.spec, report, time.monotonic()) is not None:
+                    self._rebuild_requested.set()
+            except Exception:  # weights are an optimisation: never let them stop the loop
+                log.exception("fast-path weights not updated")
+
     async def _rebuild(self) -> None:
         state = self.store.state
         started = time.perf_counter()
-        model = build_mesh_model(state.spec, state.overrides, state.version)
-        resources = translate(model, self.config.envoy)
-        published = await self.cache.publish(Snapshot(version=str(state.version), resources=resources_by_type(resources)))
+        model = build_mesh_model(state.spec, state.overrides, state.version, lb_weights=self.load_weights.current)
+        # Incremental: unchanged versions and models come back from the memo as the same messages,
+        # and the snapshot reuses their serialized bytes (docs/xds.md, "Build performance").
+        resources = translate(model, self.config.envoy, self._translation_memo)
+        snapshot = Snapshot(str(state.version), resources_by_type(resources), reuse=self.cache.snapshot)
+        log.debug("config version %d built in %.1f ms", state.version, (time.perf_counter() - started) * 1e3)
+        published = await self.cache.publish(snapshot)
         self.store.bump_version(int(published.version))  # xDS and config versions stay one sequence
         rejection = await self._envoy_outcome(published.version)
         if rejection is None:
@@ -149,6 +190,7 @@ class ControlPlane:
             table = translate_routing_table(model)
             await self.tables.publish(table)
             self.load_monitor.set_targets(targets_from_table(table))
+            self.observability.set_model(model)
         else:
             self._rejected[state.version] = rejection
         async with self._rebuilt:
@@ -191,12 +233,13 @@ class ControlPlane:
         )
 
     def status(self) -> mesh_pb2.MeshStatus:
-        return mesh_pb2.MeshStatus(
+        status = mesh_pb2.MeshStatus(
             config_version=self.config_version,
             nodes=[self._node_status(node) for node in self.cache.node_statuses()],
             table=self.tables.value,
             load=self.load_monitor.latest(),
         )
+        return self.observability.fill_status(status)
 
 
 def _prune_overrides(overrides: Overrides, spec: MeshSpec) -> Overrides:

@@ -15,6 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Engine = Literal["vllm", "sglang", "triton", "trtllm", "generic"]
+# How Envoy chooses a replica (docs/benchmarks.md): "picker" asks the ext_proc per request;
+# "fast" skips it for requests whose model a header or the KServe path names, and balances on
+# load-aware EDS weights the control plane derives from the replicas' metrics.
+RoutingMode = Literal["picker", "fast"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
@@ -77,9 +81,27 @@ class VersionSpec(_Strict):
     endpoints: list[EndpointSpec] = Field(default_factory=list)
 
 
+class ABSpec(_Strict):
+    """A/B and testing options of one model (docs/canary.md)."""
+
+    sticky_header: str | None = Field(
+        default=None, description="overrides defaults.sticky_header for this model; '' turns stickiness off"
+    )
+    allow_version_override: bool = Field(
+        default=False, description="honour the client's defaults.version_header (e.g. x-model-version) to force a version"
+    )
+
+    @field_validator("sticky_header")
+    @classmethod
+    def _sticky_header(cls, value: str | None) -> str | None:
+        return _check_header_name(value) if value else value
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=_NAME)
     versions: list[VersionSpec] = Field(min_length=1)
+    ab: ABSpec = ABSpec()
+    routing_mode: RoutingMode | None = Field(default=None, description="overrides defaults.routing_mode for this model")
 
     @model_validator(mode="after")
     def _versions_are_coherent(self) -> ModelSpec:
@@ -115,17 +137,47 @@ class Defaults(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     request_timeout_s: float = Field(default=300.0, gt=0)
     retries: int = Field(default=2, ge=0, le=10)
+    routing_mode: RoutingMode = Field(
+        default="picker",
+        description="picker: the ext_proc picks a replica per request; fast: requests naming the model in "
+        "x-model-id or the KServe path bypass the ext_proc and Envoy balances on load-aware EDS weights "
+        "(no per-request shedding or tier preference)",
+    )
     extra_response_headers: dict[str, str] = Field(
         default_factory=dict, description="Envoy header formatters, e.g. {x-served-by: '%UPSTREAM_HOST%'}"
+    )
+    sticky_header: str = Field(
+        default="x-session-id",
+        description="A/B stickiness: requests with the same value of this header get the same version "
+        "(Envoy hashes it to choose among the weighted versions); '' turns it off. Per model: ab.sticky_header",
+    )
+    version_header: str = Field(
+        default="x-model-version",
+        description="header a client sets to force a version, honoured only where ab.allow_version_override",
     )
 
     @field_validator("extra_response_headers")
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if not re.fullmatch(r"[a-z0-9-]+", name) or name.startswith("x-imesh-"):
-                raise ValueError(f"header name {name!r}: expected lower-case letters, digits and '-', not x-imesh-*")
+            _check_header_name(name)
         return value
+
+    @field_validator("sticky_header")
+    @classmethod
+    def _sticky_header(cls, value: str) -> str:
+        return _check_header_name(value) if value else value
+
+    @field_validator("version_header")
+    @classmethod
+    def _version_header(cls, value: str) -> str:
+        return _check_header_name(value)
+
+
+def _check_header_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9-]+", name) or name.startswith("x-imesh-"):
+        raise ValueError(f"header name {name!r}: expected lower-case letters, digits and '-', not x-imesh-*")
+    return name
 
 
 def _default_priorities() -> list[PriorityClassSpec]:

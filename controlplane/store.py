@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from controlplane.canary_state import CanaryState
 from controlplane.mesh_model import Overrides
 from controlplane.spec import MeshSpec, dump_spec, parse_spec
 
@@ -90,6 +91,7 @@ class StateStore:
             "overrides": {
                 "weights": state.overrides.weights,
                 "drained": sorted(state.overrides.drained),
+                "canaries": {m: c.to_json() for m, c in sorted(state.overrides.canaries.items())},
             },
         }
         write_atomically(self._path, json.dumps(document, indent=1).encode())
@@ -104,6 +106,8 @@ class StateStore:
             overrides=Overrides(
                 weights={m: dict(v) for m, v in overrides.get("weights", {}).items()},
                 drained=frozenset(overrides.get("drained", [])),
+                # absent in state written before canaries existed
+                canaries={m: CanaryState.from_json(c) for m, c in overrides.get("canaries", {}).items()},
             ),
             version=int(document["version"]),
         )

@@ -36,6 +36,7 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
                     )
                     for v in m.versions
                 ],
+                allow_version_override=m.allow_version_override,
             )
             for m in model.models
         ],
@@ -59,4 +60,5 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
             stale_after_s=scoring.stale_after_s,
         ),
         max_body_bytes=model.defaults.max_body_bytes,
+        version_header=model.defaults.version_header,
     )

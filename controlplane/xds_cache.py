@@ -62,6 +62,7 @@ class NodeStatus:
     nack: NackInfo | None = None  # kept until a newly published snapshot is fully ACKed
     parked_versions: tuple[str, ...] = ()  # rejected versions, never re-sent to this node
     sent: dict[str, int] = field(default_factory=dict)  # responses sent per type URL
+    xds_api: str = ""  # "sotw" or "delta": the variant of the node's latest ADS stream
 
     @property
     def connected(self) -> bool:
@@ -217,15 +218,20 @@ class SnapshotCache:
 
     # ------------------------------------------------------------ stream side
 
-    def connect(self, node_id: str, on_change: Callable[[], None], reported_version: str = "") -> Watch:
+    def connect(
+        self, node_id: str, on_change: Callable[[], None], reported_version: str = "", api: str = "sotw"
+    ) -> Watch:
         """Register a stream of `node_id`; `on_change` is called (synchronously) when its target moves.
 
         `reported_version` is the version_info of the stream's first request: after a control-plane
-        restart it is the previous incarnation's version, which the counter must exceed.
+        restart it is the previous incarnation's version, which the counter must exceed (delta
+        requests carry none: their per-resource versions are content digests, valid across restarts).
+        `api` is "sotw" or "delta", shown in the node's status.
         """
         node = self._node(node_id)
         node.watchers.add(on_change)
         node.status.streams += 1
+        node.status.xds_api = api
         self._observe_version(reported_version)
         target = self.snapshot_for(node_id)
         if target is not None and node.status.synced_version != target.version:

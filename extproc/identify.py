@@ -58,11 +58,14 @@ class Identity:
     (``ModelView.openai_body``).
     """
 
-    __slots__ = ("model", "version", "priority", "path", "body_kind", "models_query")
+    __slots__ = ("model", "version", "priority", "path", "body_kind", "models_query", "requested_version")
 
     def __init__(self, model, version, priority, path, body_kind, models_query):
         self.model: str | None = model
         self.version: str | None = version
+        # The client's version header (RoutingView.version_header): honoured only where the model's
+        # spec allows it, which is known once the model is (the servicer decides, not this module).
+        self.requested_version: str | None = None
         self.priority: str | None = priority
         self.path: str = path
         self.body_kind: str | None = body_kind  # None | "openai" | "kserve-grpc"

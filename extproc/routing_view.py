@@ -76,10 +76,12 @@ class ModelView:
     """One model. ``versions`` in table order; ``routed`` are those with weight > 0, heaviest first
     (the versions Envoy's weighted_clusters can choose)."""
 
-    __slots__ = ("name", "versions", "by_version", "routed", "openai_entry", "openai_body")
+    __slots__ = ("name", "versions", "by_version", "routed", "openai_entry", "openai_body", "allow_version_override")
 
     def __init__(self, m: mesh_pb2.Model):
         self.name: str = m.name
+        # The client's version header (RoutingView.version_header) may force a version of this model.
+        self.allow_version_override: bool = m.allow_version_override
         self.versions: tuple[VersionView, ...] = tuple(VersionView(v, m.name) for v in m.versions)
         self.by_version: dict[str, VersionView] = {v.name: v for v in self.versions}
         self.routed: tuple[VersionView, ...] = tuple(
@@ -176,6 +178,7 @@ class RoutingView:
         "max_body_bytes",
         "endpoints",
         "models_list_body",
+        "version_header",
     )
 
     def __init__(
@@ -186,8 +189,10 @@ class RoutingView:
         default_priority: PriorityView,
         scoring: ScoringView,
         max_body_bytes: int,
+        version_header: str = "",
     ):
         self.version = version
+        self.version_header = version_header  # "" = no client header forces a version
         self.models = models
         self.priorities = priorities
         self.priority_order: tuple[PriorityView, ...] = tuple(sorted(priorities.values(), key=lambda p: p.rank))
@@ -213,7 +218,7 @@ class RoutingView:
             default = PriorityView(name, max((p.rank for p in priorities.values()), default=-1) + 1)
             priorities[name] = default
         scoring = ScoringView.from_proto(table.scoring) if table.HasField("scoring") else ScoringView()
-        return cls(table.version, models, priorities, default, scoring, table.max_body_bytes)
+        return cls(table.version, models, priorities, default, scoring, table.max_body_bytes, table.version_header)
 
     def model(self, name: str) -> ModelView | None:
         return self.models.get(name)

@@ -10,6 +10,7 @@ untouched and Envoy routes them on its own (fail-open), as it does when this pro
 from __future__ import annotations
 
 import logging
+import time
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -27,27 +28,39 @@ from extproc.responses import (
     route_mutation,
     routed,
 )
+from extproc.telemetry import ExtprocMetrics, TokenMeter, TokenSampler, note_model
 
 log = logging.getLogger("imesh.extproc")
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
-    def __init__(self, view: MeshView, picker: Picker | None = None):
+    def __init__(self, view: MeshView, picker: Picker | None = None, metrics: ExtprocMetrics | None = None,
+                 token_sample_rate: float = 0.0):
         self._view = view
         self._picker = picker or Picker()
+        self._metrics = metrics or ExtprocMetrics(enabled=False)
+        self._sampler = TokenSampler(token_sample_rate)  # output-token counting (extproc/telemetry.py)
         # model -> the CommonResponse that selects its weighted route; built once, copied per request
         self._model_routes: dict[str, ext.CommonResponse] = {}
 
     async def Process(self, requests, context):
         identity: Identity | None = None
+        meter: TokenMeter | None = None
+        metrics = self._metrics
         async for request in requests:
+            started = time.perf_counter_ns()
             phase = request.WhichOneof("request")
             if phase == "request_headers":
                 identity, response = self.on_headers(request.request_headers)
+                if identity is not None and self._sampler.due(identity.path) and response.HasField("request_headers"):
+                    response, meter = TokenSampler.ask_for_body(response), TokenMeter()
             elif phase == "request_body":
                 response = self.on_body(identity, request.request_body.body)
+            elif phase == "response_body" and meter is not None:
+                response = meter.feed(request.response_body, metrics)
             else:  # a phase we did not ask for (e.g. a mode change raced): let it through unchanged
                 response = _continue(phase)
+            metrics.decision(phase, started)
             yield response
 
     # ------------------------------------------------------------ phases
@@ -59,10 +72,13 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             return None, CONTINUE_HEADERS
         headers = {h.key: h.raw_value.decode() if h.raw_value else h.value for h in message.headers.headers}
         identity = identify(headers)
+        if routing.version_header:
+            identity.requested_version = headers.get(routing.version_header) or None
         if identity.models_query is not None:
             return identity, self._models_response(identity.models_query)
         if identity.model is not None:
-            return identity, self._route(identity.model, identity.version, identity.priority, 0, body_phase=False)
+            return identity, self._route(identity.model, identity.version, identity.priority, 0, body_phase=False,
+                                         requested=identity.requested_version)
         if identity.needs_body:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > routing.max_body_bytes:
@@ -80,17 +96,28 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         try:
             info = parse_request_body(identity.body_kind, body, routing.max_body_bytes)
         except RequestError as error:
+            self._metrics.refused(routing, None, identity.priority, error.code)
             return immediate(error)
-        return self._route(info.model, info.version or identity.version, identity.priority, info.tokens, body_phase=True)
+        return self._route(info.model, info.version or identity.version, identity.priority, info.tokens, body_phase=True,
+                           requested=identity.requested_version)
 
     # ------------------------------------------------------------ decisions
 
-    def _route(self, model: str, version: str | None, priority: str | None, tokens: int, body_phase: bool):
+    def _route(self, model: str, version: str | None, priority: str | None, tokens: int, body_phase: bool,
+               requested: str | None = None):
         view = self._view
+        if requested is not None and version is None:
+            # A forced version (A/B testing) only where the spec allows it; elsewhere the header is
+            # ignored, as Envoy's fail-open routes ignore it (docs/canary.md).
+            m = view.routing.model(model)
+            if m is not None and m.allow_version_override:
+                version = requested
         result = self._picker.pick(view.routing, view.load, model, priority, view.recent_picks,
                                    version=version, tokens=tokens)
         if type(result) is not Pick:
-            return immediate(result.error())
+            self._metrics.refused(view.routing, model, priority, result.code)
+            return note_model(immediate(result.error()), model)  # the access log's model for it
+        self._metrics.picked(view.routing, result.model, priority)
         view.note_pick(result.primaries)
         if result.version is not None:
             common = route_mutation(result.model, result.version)

@@ -147,6 +147,11 @@ class Replica:
 
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers[REPLICA_HEADER] = self.name
+        # The W3C trace context the replica was called with, so tests can see what the mesh propagated
+        # (a real engine would parent its own spans on it).
+        traceparent = request.headers.get("traceparent")
+        if traceparent:
+            response.headers["x-sim-traceparent"] = traceparent
 
 
 @web.middleware

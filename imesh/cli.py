@@ -140,13 +140,15 @@ def apply(obj: Context, path: Path, dry_run: bool) -> None:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(sorted(views.GETTERS)))
+@click.argument("kind", type=click.Choice(sorted([*views.GETTERS, "routes"])))
 @click.pass_obj
 def get(obj: Context, kind: str) -> None:
-    """List models, versions, pools or endpoints."""
+    """List models, versions, pools, endpoints or routes (Envoy's, in match order)."""
     with obj.client() as client:
-        status = client.status()
-    rows, columns = views.GETTERS[kind](status)
+        if kind == "routes":
+            rows, columns = views.route_rows(client.routes())
+        else:
+            rows, columns = views.GETTERS[kind](client.status())
     echo(render(rows, obj.output, columns))
 
 
@@ -158,3 +160,16 @@ def status(obj: Context) -> None:
         mesh_status = client.status()
     text = render_document(views.status_document(mesh_status), obj.output)
     echo(text if text is not None else views.status_text(mesh_status))
+
+
+# ---------------------------------------------------------------- canary, endpoint, describe, completion
+# Groups that grew their own modules (imesh/commands/), registered here so `imesh --help` lists them.
+
+from imesh.commands.canary import canary as _canary  # noqa: E402
+from imesh.commands.completion import completion as _completion  # noqa: E402
+from imesh.commands.describe import describe as _describe  # noqa: E402
+from imesh.commands.endpoint import endpoint as _endpoint  # noqa: E402
+from imesh.commands.top import top as _top  # noqa: E402
+
+for _command in (_canary, _endpoint, _describe, _completion, _top):
+    cli.add_command(_command)

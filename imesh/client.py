@@ -60,3 +60,28 @@ class MeshClient:
 
     def status(self) -> mesh_pb2.MeshStatus:
         return self._call(self._admin.GetStatus, mesh_pb2.StatusRequest())
+
+    def routes(self) -> mesh_pb2.RoutesResponse:
+        return self._call(self._admin.GetRoutes, mesh_pb2.RoutesRequest())
+
+    def set_canary(self, model: str, version: str, percent: float) -> mesh_pb2.CanaryChange:
+        return self._call(self._admin.SetCanary, mesh_pb2.SetCanaryRequest(model=model, version=version, percent=percent))
+
+    def start_canary(self, model: str, version: str, steps: list[float], interval_s: float,
+                     max_error_rate: float, max_p99_s: float, min_samples: int) -> mesh_pb2.CanaryChange:
+        gates = mesh_pb2.CanaryGates(max_error_rate=max_error_rate, max_p99_s=max_p99_s, min_samples=min_samples)
+        request = mesh_pb2.StartCanaryRequest(model=model, version=version, steps=steps, interval_s=interval_s,
+                                              gates=gates)
+        return self._call(self._admin.StartCanary, request)
+
+    def promote(self, model: str) -> mesh_pb2.CanaryChange:
+        return self._call(self._admin.PromoteCanary, mesh_pb2.CanaryRef(model=model))
+
+    def rollback(self, model: str) -> mesh_pb2.CanaryChange:
+        return self._call(self._admin.RollbackCanary, mesh_pb2.CanaryRef(model=model))
+
+    def canary_status(self, model: str = "") -> mesh_pb2.CanaryStatusResponse:
+        return self._call(self._admin.GetCanaryStatus, mesh_pb2.CanaryStatusRequest(model=model))
+
+    def set_drain(self, address: str, drained: bool) -> mesh_pb2.DrainResponse:
+        return self._call(self._admin.SetDrain, mesh_pb2.DrainRequest(address=address, drained=drained))

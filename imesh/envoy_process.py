@@ -31,8 +31,17 @@ def envoy_binary() -> str:
     return found
 
 
-def render_bootstrap(ports: EnvoyPorts, node_id: str = "imesh-envoy") -> str:
+# How Envoy speaks ADS: "delta" (incremental: only changed resources travel, the default) or
+# "sotw" (State-of-the-World: every resource of a type on each change). docs/xds.md.
+XDS_APIS = {"delta": "DELTA_GRPC", "sotw": "GRPC"}
+DEFAULT_XDS_API = "delta"
+
+
+def render_bootstrap(ports: EnvoyPorts, node_id: str = "imesh-envoy", xds_api: str = DEFAULT_XDS_API) -> str:
+    if xds_api not in XDS_APIS:
+        raise ValueError(f"xds_api must be one of {sorted(XDS_APIS)}, got {xds_api!r}")
     return Template(BOOTSTRAP_TEMPLATE.read_text()).substitute(
+        ADS_API_TYPE=XDS_APIS[xds_api],
         NODE_ID=node_id,
         ADMIN_HOST=ports.host,
         ADMIN_PORT=ports.admin,
@@ -50,12 +59,17 @@ def validate_bootstrap(path: Path) -> subprocess.CompletedProcess:
 
 
 def envoy_process(
-    workdir: Path, ports: EnvoyPorts, node_id: str = "imesh-envoy", concurrency: int = 1, log_level: str = "warning"
+    workdir: Path,
+    ports: EnvoyPorts,
+    node_id: str = "imesh-envoy",
+    concurrency: int = 1,
+    log_level: str = "warning",
+    xds_api: str = DEFAULT_XDS_API,
 ) -> ManagedProcess:
     """A not-yet-started Envoy; several can run side by side (hot restart is off, so no shared memory)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "envoy.yaml"
-    config.write_text(render_bootstrap(ports, node_id))
+    config.write_text(render_bootstrap(ports, node_id, xds_api))
     argv = [
         envoy_binary(),
         "-c", str(config),
@@ -63,6 +77,7 @@ def envoy_process(
         "--disable-hot-restart",
         "--log-level", log_level,
         "--drain-time-s", "1",
+        "--file-flush-interval-msec", "1000",  # JSON access log lines within a second (Envoy's default: 10 s)
     ]
     return ManagedProcess("envoy", argv, workdir / "envoy.log")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
+from imesh.envoy_process import DEFAULT_XDS_API, EnvoyPorts, admin_ready, envoy_process
 from imesh.processes import ManagedProcess, StartupError, http_ok, python_module
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,8 +80,11 @@ class LocalMesh:
     ports: MeshPorts = MeshPorts()
     fleet_config: Path | None = None
     envoy_concurrency: int = 1
+    xds_api: str = DEFAULT_XDS_API  # how Envoy speaks ADS: "delta" or "sotw" (docs/xds.md)
     extproc_workers: int = 1
     scrape_interval_s: float = 0.1
+    controlplane_args: tuple[str, ...] = ()  # extra flags, e.g. ("--access-log-flush", "0.1")
+    extproc_args: tuple[str, ...] = ()
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
 
     # ------------------------------------------------------------ lifecycle
@@ -129,6 +132,7 @@ class LocalMesh:
             "--metrics-port", str(p.control_plane_metrics),
             "--listener-port", str(p.listener),
             "--scrape-interval", str(self.scrape_interval_s),
+            *self.controlplane_args,
         )
         process = self._spawn("controlplane", argv)
         process.wait_until(http_ok(f"http://{p.host}:{p.control_plane_metrics}/readyz"), timeout_s)
@@ -143,13 +147,16 @@ class LocalMesh:
             "--metrics-port", str(p.extproc_metrics),
             "--control-plane", f"{p.host}:{p.control_plane}",
             "--workers", str(self.extproc_workers),
+            *self.extproc_args,
         )
         process = self._spawn("extproc", argv)
         process.wait_until(http_ok(f"http://{p.host}:{p.extproc_metrics}/readyz"), timeout_s)
         return process
 
     def start_envoy(self, timeout_s: float = 30.0) -> ManagedProcess:
-        process = envoy_process(self.workdir / "envoy", self.ports.envoy, concurrency=self.envoy_concurrency)
+        process = envoy_process(
+            self.workdir / "envoy", self.ports.envoy, concurrency=self.envoy_concurrency, xds_api=self.xds_api
+        )
         self.processes["envoy"] = process.start()
         process.wait_until(admin_ready(self.ports.envoy), timeout_s)
         process.wait_until(self._listener_serves, timeout_s)

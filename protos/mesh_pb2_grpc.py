@@ -164,6 +164,41 @@ class MeshAdminStub:
                 request_serializer=protos_dot_mesh__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.MeshStatus.FromString,
                 _registered_method=True)
+        self.GetRoutes = channel.unary_unary(
+                '/imesh.v1.MeshAdmin/GetRoutes',
+                request_serializer=protos_dot_mesh__pb2.RoutesRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.RoutesResponse.FromString,
+                _registered_method=True)
+        self.SetCanary = channel.unary_unary(
+                '/imesh.v1.MeshAdmin/SetCanary',
+                request_serializer=protos_dot_mesh__pb2.SetCanaryRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.CanaryChange.FromString,
+                _registered_method=True)
+        self.StartCanary = channel.unary_unary(
+                '/imesh.v1.MeshAdmin/StartCanary',
+                request_serializer=protos_dot_mesh__pb2.StartCanaryRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.CanaryChange.FromString,
+                _registered_method=True)
+        self.PromoteCanary = channel.unary_unary(
+                '/imesh.v1.MeshAdmin/PromoteCanary',
+                request_serializer=protos_dot_mesh__pb2.CanaryRef.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.CanaryChange.FromString,
+                _registered_method=True)
+        self.RollbackCanary = channel.unary_unary(
+                '/imesh.v1.MeshAdmin/RollbackCanary',
+                request_serializer=protos_dot_mesh__pb2.CanaryRef.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.CanaryChange.FromString,
+                _registered_method=True)
+        self.GetCanaryStatus = channel.unary_unary(
+                '/imesh.v1.MeshAdmin/GetCanaryStatus',
+                request_serializer=protos_dot_mesh__pb2.CanaryStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.CanaryStatusResponse.FromString,
+                _registered_method=True)
+        self.SetDrain = channel.unary_unary(
+                '/imesh.v1.MeshAdmin/SetDrain',
+                request_serializer=protos_dot_mesh__pb2.DrainRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class MeshAdminServicer:
@@ -187,6 +222,48 @@ class MeshAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRoutes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCanaryStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDrain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +281,41 @@ def add_MeshAdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protos_dot_mesh__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.MeshStatus.SerializeToString,
+            ),
+            'GetRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoutes,
+                    request_deserializer=protos_dot_mesh__pb2.RoutesRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.RoutesResponse.SerializeToString,
+            ),
+            'SetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanary,
+                    request_deserializer=protos_dot_mesh__pb2.SetCanaryRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.CanaryChange.SerializeToString,
+            ),
+            'StartCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCanary,
+                    request_deserializer=protos_dot_mesh__pb2.StartCanaryRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.CanaryChange.SerializeToString,
+            ),
+            'PromoteCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCanary,
+                    request_deserializer=protos_dot_mesh__pb2.CanaryRef.FromString,
+                    response_serializer=protos_dot_mesh__pb2.CanaryChange.SerializeToString,
+            ),
+            'RollbackCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackCanary,
+                    request_deserializer=protos_dot_mesh__pb2.CanaryRef.FromString,
+                    response_serializer=protos_dot_mesh__pb2.CanaryChange.SerializeToString,
+            ),
+            'GetCanaryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCanaryStatus,
+                    request_deserializer=protos_dot_mesh__pb2.CanaryStatusRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.CanaryStatusResponse.SerializeToString,
+            ),
+            'SetDrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDrain,
+                    request_deserializer=protos_dot_mesh__pb2.DrainRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -287,6 +399,195 @@ class MeshAdmin:
             '/imesh.v1.MeshAdmin/GetStatus',
             protos_dot_mesh__pb2.StatusRequest.SerializeToString,
             protos_dot_mesh__pb2.MeshStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imesh.v1.MeshAdmin/GetRoutes',
+            protos_dot_mesh__pb2.RoutesRequest.SerializeToString,
+            protos_dot_mesh__pb2.RoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imesh.v1.MeshAdmin/SetCanary',
+            protos_dot_mesh__pb2.SetCanaryRequest.SerializeToString,
+            protos_dot_mesh__pb2.CanaryChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imesh.v1.MeshAdmin/StartCanary',
+            protos_dot_mesh__pb2.StartCanaryRequest.SerializeToString,
+            protos_dot_mesh__pb2.CanaryChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imesh.v1.MeshAdmin/PromoteCanary',
+            protos_dot_mesh__pb2.CanaryRef.SerializeToString,
+            protos_dot_mesh__pb2.CanaryChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imesh.v1.MeshAdmin/RollbackCanary',
+            protos_dot_mesh__pb2.CanaryRef.SerializeToString,
+            protos_dot_mesh__pb2.CanaryChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCanaryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imesh.v1.MeshAdmin/GetCanaryStatus',
+            protos_dot_mesh__pb2.CanaryStatusRequest.SerializeToString,
+            protos_dot_mesh__pb2.CanaryStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imesh.v1.MeshAdmin/SetDrain',
+            protos_dot_mesh__pb2.DrainRequest.SerializeToString,
+            protos_dot_mesh__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
 from controlplane import ads
@@ -133,7 +133,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     with upstream() as upstream_port:
         # Published before Envoy starts: Envoy is only /ready once its first CDS and LDS arrived.
         await cache.publish(snapshot((listener_port, upstream_port)))
-        envoy = envoy_process(tmp_path, ports, node_id=node_id).start()
+        envoy = envoy_process(tmp_path, ports, node_id=node_id, xds_api="sotw").start()  # delta: test_ads_delta.py
         async with httpx.AsyncClient(timeout=2.0) as http:
             m = Mesh(cache, server, servicer, ports, envoy, node_id, listener_port, upstream_port, http)
             try:
@@ -490,17 +490,3 @@ async def test_order_eds_resend_and_make_before_break() -> None:
     assert rollback and all(r.version_info == "4" for r in rollback)
     assert cache.status("fake").nack.message == "no thanks"
     await envoy.close()
-
-
-async def test_delta_ads_is_unimplemented() -> None:
-    server, _, port = await start_xds(SnapshotCache())
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.DeltaAggregatedResources(iter([discovery_pb2.DeltaDiscoveryRequest()]))
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                async for _ in call:
-                    pass
-            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        await server.stop(0)

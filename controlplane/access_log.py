@@ -1,0 +1,182 @@
+"""Envoy's gRPC access log service (ALS): every finished request, streamed to the control plane.
+
+Why ALS and not the replicas' metrics or the ext_proc: only Envoy sees the whole request (the
+version its weighted split chose, the replica that actually served after retries, the status
+the client got, Envoy's own failures, and the time to first upstream byte), and it reports all of
+that from C++, batched per flush interval, at no cost to the request path.
+
+Each entry becomes a ``RequestRecord`` (controlplane/request_record.py) and goes to every sink.
+Labels are resolved against the mesh model of the moment (``MeshLabels``): the upstream cluster
+names model and version, the upstream host names the endpoint and so its pool; requests that never
+reached a cluster (shed, unknown model) fall back to what the ext_proc left in dynamic metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from controlplane.mesh_model import MeshModel
+from controlplane.request_record import RequestRecord, RequestRecords
+
+log = logging.getLogger("imesh.accesslog")
+
+# Dynamic metadata the ext_proc writes for the access log (extproc/telemetry.py writes the same keys).
+METADATA_NAMESPACE = "imesh"
+SHED_DETAILS = "imesh_overloaded"
+RATE_LIMITED_DETAILS = "imesh_rate_limited"
+
+# Envoy's response flags that mean the upstream side failed, not the client or the mesh's policy.
+_UPSTREAM_FAILURE_FLAGS = frozenset((
+    "failed_local_healthcheck",
+    "no_healthy_upstream",
+    "upstream_request_timeout",
+    "upstream_remote_reset",
+    "upstream_connection_failure",
+    "upstream_connection_termination",
+    "upstream_overflow",
+    "upstream_retry_limit_exceeded",
+    "upstream_max_stream_duration_reached",
+    "no_cluster_found",
+))
+
+
+@dataclass(frozen=True)
+class MeshLabels:
+    """What the spec allows as label values, resolved once per config version (immutable, swapped whole)."""
+
+    clusters: dict[str, tuple[str, str]] = field(default_factory=dict)  # Envoy cluster -> (model, version)
+    pools: dict[str, str] = field(default_factory=dict)  # endpoint "ip:port" -> pool
+    models: frozenset[str] = frozenset()
+    versions: frozenset[tuple[str, str]] = frozenset()
+    priorities: frozenset[str] = frozenset()
+    default_priority: str = ""
+
+    @classmethod
+    def from_model(cls, model: MeshModel) -> MeshLabels:
+        return cls(
+            clusters={v.cluster: (m.name, v.name) for m in model.models for v in m.versions},
+            pools={e.address: e.pool for _, e in model.endpoints},
+            models=frozenset(m.name for m in model.models),
+            versions=frozenset((m.name, v.name) for m in model.models for v in m.versions),
+            priorities=frozenset(p.name for p in model.priorities) | {model.defaults.priority},
+            default_priority=model.defaults.priority,
+        )
+
+    def model(self, name: str) -> str:
+        return name if not name or name in self.models else "other"
+
+    def priority(self, name: str) -> str:
+        """The class a request was treated as: the picker gives unknown names the default class too."""
+        return name if name in self.priorities else self.default_priority
+
+
+def _seconds(duration) -> float:
+    return duration.seconds + duration.nanos * 1e-9
+
+
+def _address(address) -> str:
+    socket = address.socket_address
+    if not socket.address:
+        return ""
+    host = f"[{socket.address}]" if ":" in socket.address else socket.address
+    return f"{host}:{socket.port_value}"
+
+
+def _upstream_failure(flags) -> bool:
+    # ListFields: only the flags that are set (usually none), not a getattr per possible flag.
+    return any(value and field.name in _UPSTREAM_FAILURE_FLAGS for field, value in flags.ListFields())
+
+
+def to_record(entry: accesslog_pb2.HTTPAccessLogEntry, labels: MeshLabels, node: str = "") -> RequestRecord:
+    """One access log entry as a RequestRecord, labelled by the current mesh model."""
+    common, request, response = entry.common_properties, entry.request, entry.response
+    meta = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    meta_fields = meta.fields if meta is not None else {}
+    request_headers, response_headers = request.request_headers, response.response_headers
+
+    model, version = labels.clusters.get(common.upstream_cluster, ("", ""))
+    if not model:  # never reached a cluster: what the ext_proc identified, else what the client asked for
+        name = meta_fields["model"].string_value if "model" in meta_fields else ""
+        model = labels.model(name or request_headers.get("x-model-id", ""))
+    if not version:
+        version = response_headers.get("x-imesh-version", "")
+        if version and (model, version) not in labels.versions:
+            version = "other"
+    endpoint = _address(common.upstream_remote_address) if common.HasField("upstream_remote_address") else ""
+
+    status = response.response_code.value if response.HasField("response_code") else 0
+    details = response.response_code_details
+    first = _seconds(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None
+    last = _seconds(common.time_to_last_upstream_rx_byte) if common.HasField("time_to_last_upstream_rx_byte") else None
+    if common.HasField("duration"):
+        duration = _seconds(common.duration)
+    elif common.HasField("time_to_last_downstream_tx_byte"):
+        duration = _seconds(common.time_to_last_downstream_tx_byte)
+    else:
+        duration = 0.0
+    tokens = meta_fields["output_tokens"].number_value if "output_tokens" in meta_fields else None
+    shed = status == 429 and details == SHED_DETAILS
+    return RequestRecord(
+        model=model,
+        version=version,
+        endpoint=endpoint,
+        pool=labels.pools.get(endpoint, ""),
+        priority=labels.priority(request_headers.get("x-priority", "")),
+        status=status,
+        duration_s=duration,
+        ttft_s=first,
+        upstream_failure=_upstream_failure(common.response_flags),
+        shed=shed,
+        request_bytes=request.request_body_bytes,
+        response_bytes=response.response_body_bytes,
+        output_tokens=int(tokens) if tokens is not None else None,
+        streamed=response_headers.get("content-type", "").startswith("text/event-stream"),
+        generation_s=(last - first) if first is not None and last is not None else None,
+        rate_limited=status == 429 and not shed and (details == RATE_LIMITED_DETAILS or common.response_flags.rate_limited),
+        details=details,
+        request_id=request.request_id,
+        node=node,
+    )
+
+
+class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
+    """``envoy.service.accesslog.v3.AccessLogService``: one client stream per Envoy (per worker)."""
+
+    def __init__(self, records: RequestRecords, labels: MeshLabels | None = None):
+        self.records = records
+        self.labels = labels or MeshLabels()  # replaced whole by the control plane on every rebuild
+        self.streams = 0
+        self.entries = 0
+
+    async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
+        node = ""
+        self.streams += 1
+        try:
+            async for message in request_iterator:
+                if message.HasField("identifier"):
+                    node = message.identifier.node.id  # only on a stream's first message
+                if not message.HasField("http_logs"):
+                    continue
+                labels, emit = self.labels, self.records.emit
+                for entry in message.http_logs.log_entry:
+                    try:
+                        record = to_record(entry, labels, node)
+                    except Exception:  # an entry we cannot read must not end the stream
+                        log.exception("unreadable access log entry from %s", node)
+                        continue
+                    self.entries += 1
+                    emit(record)
+        finally:
+            self.streams -= 1
+        return als_pb2.StreamAccessLogsResponse()
+
+
+def add_to_server(server: grpc.aio.Server, records: RequestRecords, labels: MeshLabels | None = None) -> AccessLogServicer:
+    servicer = AccessLogServicer(records, labels)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
+    return servicer

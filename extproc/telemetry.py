@@ -1,0 +1,247 @@
+"""The ext_proc's own telemetry: decision latency, picks and refusals, and sampled token counts.
+
+Hot-path cost is kept to pre-bound prometheus_client children found by one dict lookup, and two
+``perf_counter_ns`` calls per phase (measured in docs/observability.md: about 1.5 µs a request).
+Label values are bounded by the routing table: a model it lacks is "other", none is "none", and a
+priority is the class the picker actually applied (unknown names get the default class).
+
+Output tokens: Envoy's access log cannot see a response's ``usage``, so on a sampled fraction of
+generation requests (every Nth) the ext_proc asks Envoy for the response body too
+(``mode_override``, STREAMED, so streams keep streaming), counts the tokens (``usage`` when the
+response has it, else one per SSE chunk with content), and hands the count back in dynamic
+metadata ``imesh.output_tokens``, which the access log carries to the control plane.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+METADATA_NAMESPACE = "imesh"  # controlplane/access_log.py reads the same keys
+DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+MAX_BUFFERED_BODY = 1 << 20  # an unstreamed body larger than this is not counted (a JSON object, not a stream)
+
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+CONTINUE_RESPONSE_BODY = ext.ProcessingResponse(response_body=ext.BodyResponse())
+
+
+class ExtprocMetrics:
+    """The ext_proc's Prometheus series. ``enabled=False`` makes every call a no-op (unit tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, enabled: bool = True):
+        self.enabled = enabled and registry is not None
+        if not self.enabled:
+            return
+        self._decision = Histogram(
+            "imesh_extproc_decision_seconds", "Time the ext_proc spends answering one phase of a request.",
+            ("phase",), buckets=DECISION_BUCKETS, registry=registry,
+        )
+        self._picks = Counter("imesh_extproc_picks", "Requests routed with a pick, by model and priority class.",
+                              ("model", "priority"), registry=registry)
+        self._refusals = Counter(
+            "imesh_extproc_refusals",
+            "Requests the ext_proc answered itself, by reason (overloaded = shed for saturation).",
+            ("model", "priority", "reason"), registry=registry,
+        )
+        self._token_samples = Counter("imesh_extproc_token_samples", "Responses whose output tokens were counted.",
+                                      registry=registry)
+        self._phases: dict[str, object] = {}
+        # Raw (model, priority) as the request named them -> pre-bound child, for the current routing
+        # table only (a table change can turn a model into "other"); cleared if clients send junk.
+        self._routing = None
+        self._pick_children: dict[tuple, object] = {}
+        self._refusal_children: dict[tuple, object] = {}
+
+    def decision(self, phase: str | None, started_ns: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = (time.perf_counter_ns() - started_ns) * 1e-9
+        child = self._phases.get(phase)
+        if child is None:
+            child = self._phases[phase] = self._decision.labels(phase or "none")
+        child.observe(elapsed)
+
+    def _children(self, routing) -> None:
+        if routing is not self._routing:
+            self._routing, self._pick_children, self._refusal_children = routing, {}, {}
+
+    def picked(self, routing, model: str, priority: str | None) -> None:
+        if not self.enabled:
+            return
+        if routing is not self._routing:
+            self._children(routing)
+        key = (model, priority)
+        child = self._pick_children.get(key)
+        if child is None:
+            if len(self._pick_children) > 4096:
+                self._pick_children.clear()
+            child = self._pick_children[key] = self._picks.labels(*_labels(routing, model, priority))
+        child.inc()
+
+    def refused(self, routing, model: str | None, priority: str | None, reason: str) -> None:
+        if not self.enabled:
+            return
+        if routing is not self._routing:
+            self._children(routing)
+        key = (model, priority, reason)
+        child = self._refusal_children.get(key)
+        if child is None:
+            if len(self._refusal_children) > 4096:
+                self._refusal_children.clear()
+            child = self._refusal_children[key] = self._refusals.labels(*_labels(routing, model, priority), reason)
+        child.inc()
+
+    def token_sample(self) -> None:
+        if self.enabled:
+            self._token_samples.inc()
+
+    def watch(self, view, registry: CollectorRegistry = REGISTRY) -> None:
+        """Also expose what this process knows of the mesh: routing table version, load report age."""
+        if self.enabled:
+            registry.register(_ViewCollector(view))
+
+
+class _ViewCollector(Collector):
+    def __init__(self, view):
+        self._view = view
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        view = self._view
+        yield GaugeMetricFamily("imesh_extproc_routing_table_version", "Config version of the routing table in use.",
+                                value=view.table_version)
+        load = view.load
+        age = time.monotonic() - load.received_at if load is not None else math.inf
+        yield GaugeMetricFamily("imesh_extproc_load_report_age_seconds",
+                                "Seconds since the last live load report arrived (+Inf: none yet).", value=age)
+
+
+def _labels(routing, model: str | None, priority: str | None) -> tuple[str, str]:
+    if routing is None:
+        return ("none" if not model else "other", priority or "none")
+    if not model:
+        label = "none"
+    else:
+        label = model if routing.model(model) is not None else "other"
+    return label, routing.priority(priority).name
+
+
+def note_model(response: ext.ProcessingResponse, model: str) -> ext.ProcessingResponse:
+    """Tell the access log which model a refused request asked for (it never reached a cluster)."""
+    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields["model"].string_value = model
+    return response
+
+
+# ---------------------------------------------------------------- output tokens
+
+
+class TokenSampler:
+    """Every ``1/rate``-th generation request gets its response body counted. rate 0: never."""
+
+    def __init__(self, rate: float = 0.0):
+        self.every = 0 if rate <= 0 else max(1, round(1 / min(rate, 1.0)))
+        self._countdown = self.every
+
+    def due(self, path: str | None) -> bool:
+        if not self.every or not path or not path.startswith(GENERATION_PATHS):
+            return False
+        self._countdown -= 1
+        if self._countdown > 0:
+            return False
+        self._countdown = self.every
+        return True
+
+    @staticmethod
+    def ask_for_body(response: ext.ProcessingResponse) -> ext.ProcessingResponse:
+        """`response` (a request-headers response) also asking Envoy to stream the response body here.
+
+        Returns a copy: the servicer's constant responses are shared between requests.
+        """
+        sampled = ext.ProcessingResponse()
+        sampled.CopyFrom(response)
+        sampled.mode_override.response_body_mode = _STREAMED
+        return sampled
+
+
+class TokenMeter:
+    """Counts the output tokens of one response body, chunk by chunk."""
+
+    __slots__ = ("_buffer", "_sse", "_chunks", "_usage", "_overflow")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._sse: bool | None = None
+        self._chunks = 0
+        self._usage: int | None = None
+        self._overflow = False
+
+    def feed(self, body: ext.HttpBody, metrics: ExtprocMetrics) -> ext.ProcessingResponse:
+        data = body.body
+        if self._sse is None and data:
+            self._sse = data.lstrip().startswith(b"data:")
+        if self._sse:
+            self._buffer += data
+            events = self._buffer.split(b"\n\n")
+            self._buffer = events.pop()
+            for event in events:
+                self._event(event)
+        elif not self._overflow:
+            self._buffer += data
+            if len(self._buffer) > MAX_BUFFERED_BODY:
+                self._overflow, self._buffer = True, b""
+        if not body.end_of_stream:
+            return CONTINUE_RESPONSE_BODY
+        tokens = self.tokens()
+        if tokens is None:
+            return CONTINUE_RESPONSE_BODY
+        metrics.token_sample()
+        response = ext.ProcessingResponse(response_body=ext.BodyResponse())
+        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields["output_tokens"].number_value = tokens
+        return response
+
+    def tokens(self) -> int | None:
+        if self._sse:
+            if self._buffer.strip():
+                self._event(self._buffer)
+                self._buffer = b""
+            return self._usage if self._usage is not None else (self._chunks or None)
+        if self._overflow or not self._buffer:
+            return None
+        try:
+            usage = json.loads(self._buffer).get("usage") or {}
+        except (ValueError, AttributeError):
+            return None
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        return tokens if isinstance(tokens, int) and tokens > 0 else None
+
+    def _event(self, event: bytes) -> None:
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if not payload or payload == b"[DONE]":
+                continue
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                self._usage = usage["completion_tokens"]
+            for choice in obj.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text") if isinstance(choice, dict) else None
+                if text:
+                    self._chunks += 1

@@ -1,0 +1,150 @@
+"""The fast path (routing_mode: fast): Envoy routes without the ext_proc, on load-aware EDS weights.
+
+  chat  v1 (fast-a, fast-b), routing_mode fast
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+
+import httpx
+
+from controlplane.fast_path import MIN_WEIGHT, LoadWeights, endpoint_weight
+from controlplane.spec import ScoringSpec, parse_spec
+from protos import mesh_pb2
+from tests.harness import Replica, chat, make_mesh, send_many
+
+
+def _stat(admin_url: str, name: str) -> int:
+    text = httpx.get(f"{admin_url}/stats", params={"filter": f"^{re.escape(name)}$"}, timeout=5).text
+    match = re.search(rf"^{re.escape(name)}: (\d+)$", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def _weights(admin_url: str, cluster: str) -> dict[str, int]:
+    text = httpx.get(f"{admin_url}/clusters", timeout=5).text
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(rf"^{re.escape(cluster)}::([\d.]+:\d+)::weight::(\d+)$", text, re.M)
+    }
+
+
+def test_fast_path_serves_without_extproc_and_shifts_weight_from_a_loaded_replica(tmp_path):
+    replicas = [Replica("fast-a", "chat", "v1"), Replica("fast-b", "chat", "v1")]
+    test_mesh = make_mesh(tmp_path, replicas, time_scale=0.01, defaults={"routing_mode": "fast"})
+    mesh = test_mesh.mesh
+    a, b = (test_mesh.replica(n).address for n in ("fast-a", "fast-b"))
+    with mesh:
+        mesh.wait_for_completion("chat")
+        admin = mesh.admin_url
+        streams = "http.imesh.ext_proc.streams_started"
+
+        # Named by header: served, by both replicas, and the ext_proc never asked.
+        before = _stat(admin, streams)
+        responses = send_many(
+            mesh.url, 40, lambda c, i: c.post("/v1/chat/completions", json=chat("chat"), headers={"x-model-id": "chat"})
+        )
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:2]
+        served = collections.Counter(r.headers["x-sim-replica"] for r in responses)
+        assert set(served) == {"fast-a", "fast-b"}, served
+        assert _stat(admin, streams) == before
+
+        # Named only in the body: the ext_proc still identifies the model (one picker round).
+        response = httpx.post(f"{mesh.url}/v1/chat/completions", json=chat("chat"), timeout=10)
+        assert response.status_code == 200, response.text
+        assert _stat(admin, streams) > before
+
+        # Load one replica: the control plane lowers its EDS weight and Envoy sends it ~nothing.
+        test_mesh.set_faults("fast-a", extra_waiting=50)
+        deadline = time.monotonic() + 10
+        weights = {}
+        while time.monotonic() < deadline:
+            weights = _weights(admin, "chat/v1")
+            if weights.get(a) == MIN_WEIGHT and weights.get(b, 0) > 10 * MIN_WEIGHT:
+                break
+            time.sleep(0.1)
+        assert weights.get(a) == MIN_WEIGHT and weights.get(b, 0) > 10, weights
+        responses = send_many(
+            mesh.url, 60, lambda c, i: c.post("/v1/chat/completions", json=chat("chat"), headers={"x-model-id": "chat"})
+        )
+        assert all(r.status_code == 200 for r in responses)
+        served = collections.Counter(r.headers["x-sim-replica"] for r in responses)
+        assert served["fast-a"] <= 6, served  # weight 1 against ~90: about 1 in 90 expected
+
+        # Load gone: the weight comes back.
+        test_mesh.set_faults("fast-a", extra_waiting=0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _weights(admin, "chat/v1").get(a) == MIN_WEIGHT:
+            time.sleep(0.1)
+        assert _weights(admin, "chat/v1").get(a, 0) > 10
+
+
+# ---------------------------------------------------------------- weights, no processes
+
+
+SPEC = parse_spec(
+    """
+defaults: {routing_mode: fast}
+pools: [{name: p}]
+models:
+  - name: a
+    versions: [{name: v1, endpoints: [{address: "10.0.0.1:1", pool: p}, {address: "10.0.0.2:1", pool: p}]}]
+  - name: b
+    routing_mode: picker
+    versions: [{name: v1, endpoints: [{address: "10.0.0.3:1", pool: p}]}]
+"""
+)
+
+
+def _report(**waiting: float) -> mesh_pb2.LoadReport:
+    return mesh_pb2.LoadReport(
+        endpoints=[
+            mesh_pb2.EndpointLoad(address=f"10.0.0.{i}:1", waiting=w, kv_cache=0.1, age_s=0.05, reachable=True)
+            for i, w in ((int(k[1:]), v) for k, v in waiting.items())
+        ]
+    )
+
+
+def test_weight_follows_load():
+    scoring = ScoringSpec()
+    idle = endpoint_weight(mesh_pb2.EndpointLoad(waiting=0, kv_cache=0.1, age_s=0.1, reachable=True), scoring)
+    busy = endpoint_weight(mesh_pb2.EndpointLoad(waiting=3, kv_cache=0.5, age_s=0.1, reachable=True), scoring)
+    full = endpoint_weight(mesh_pb2.EndpointLoad(waiting=9, kv_cache=0.1, age_s=0.1, reachable=True), scoring)
+    stale = endpoint_weight(mesh_pb2.EndpointLoad(waiting=9, kv_cache=0.1, age_s=60, reachable=True), scoring)
+    down = endpoint_weight(mesh_pb2.EndpointLoad(reachable=False, age_s=float("inf")), scoring)
+    assert idle > busy > full == MIN_WEIGHT
+    assert stale == 50 and down == MIN_WEIGHT and endpoint_weight(None, scoring) == 50
+
+
+def test_hysteresis_holds_small_changes_and_rate_limits():
+    weights = LoadWeights(min_interval_s=1.0)
+    first = weights.update(SPEC, _report(e1=0, e2=0), now=0.0)
+    assert first is not None and set(first) == {"10.0.0.1:1", "10.0.0.2:1"}  # picker-mode model b is not weighted
+    assert weights.update(SPEC, _report(e1=0.3, e2=0), now=5.0) is None  # jitter: no push
+    assert weights.update(SPEC, _report(e1=9, e2=0), now=5.2) is not None  # saturated: push
+    assert weights.update(SPEC, _report(e1=0, e2=0), now=5.5) is None  # back, but within the interval
+    again = weights.update(SPEC, _report(e1=0, e2=0), now=6.3)  # the held-back change goes out
+    assert again is not None and again["10.0.0.1:1"] > MIN_WEIGHT
+    assert weights.pushes == 3
+
+
+def test_translation_disables_the_extproc_on_fast_routes_and_sets_weights():
+    from controlplane.mesh_model import build_mesh_model
+    from controlplane.translate_envoy import EXTPROC_FILTER, MODEL_HEADER, translate
+
+    model = build_mesh_model(SPEC, lb_weights={"10.0.0.1:1": 1, "10.0.0.2:1": 90, "10.0.0.3:1": 7})
+    resources = translate(model)
+    routes = resources.routes["imesh_routes"].virtual_hosts[0].routes
+    for route in routes:
+        disabled = EXTPROC_FILTER in route.typed_per_filter_config
+        fast_model = route.name == "a" or route.name.startswith("a/")
+        on_internal_header = any(h.name == MODEL_HEADER for h in route.match.headers)
+        assert disabled == (fast_model and not on_internal_header), route.name
+    weights = {
+        f"{e.endpoint.address.socket_address.address}:{e.endpoint.address.socket_address.port_value}":
+            e.load_balancing_weight.value
+        for cla in resources.endpoints.values() for loc in cla.endpoints for e in loc.lb_endpoints
+    }
+    assert weights == {"10.0.0.1:1": 1, "10.0.0.2:1": 90, "10.0.0.3:1": 0}  # picker-mode b: Envoy's default
