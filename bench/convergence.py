@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -196,6 +195,7 @@ def render(out_dir: Path, rounds: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     series = {api: _series(r) for api, r in rounds.items()}
     labels = {"delta": "delta", "sotw": "State-of-the-World"}
     fig, ax = plt.subplots(figsize=(9, 3.8))
@@ -248,8 +248,9 @@ def render(out_dir: Path, rounds: dict) -> str:
         "",
         "The call itself returns once every connected Envoy has ACKed the new config version "
         "(`ControlPlane._envoy_outcome`), so return → serving is what is left after the ACK: Envoy's "
-        "workers picking up the new route table. The call's own time is mostly the control plane's "
-        "debounce of changes (`debounce_s`, docs/xds.md) plus build, push and ACK.",
+        "workers picking up the new route table. The call's own time is the build, the push, Envoy's "
+        "ACK and the control plane's bookkeeping after it (the state file, the ext_proc routing table); "
+        "a change within `debounce_s` (100 ms) of the previous build also waits for the window (docs/xds.md).",
         "",
         "![convergence](convergence.png)",
     ]

@@ -423,7 +423,8 @@ def _plots(out_dir: Path, rows: list[Row]) -> list[str]:
     return ["bench-datapath.png", "bench-datapath-cpu.png"]
 
 
-def _report(rows: list[Row], plots: list[str], profile_note: str, top, baseline_error: str) -> str:
+def _report(rows: list[Row], plots: list[str], profile_note: str, top, baseline_error: str,
+            load: tuple[float, float]) -> str:
     by = {r.key: r for r in rows}
     alone = by["alone"]
     base_rps = alone.median(SATURATION, "rps")
@@ -436,7 +437,8 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, baseline_
         f"{ROUNDS} interleaved rounds of {SECONDS} s per cell, medians. The ext_proc runs 1 worker unless the row "
         f"says 2. **All of it shares the same {os.cpu_count()} cores** — load generator, both Envoys, the ext_proc, "
         f"the control plane (scraping the replicas every 100 ms) and the upstream — so absolute numbers are low "
-        f"and noisy (other work on the machine shows up too); compare the ratios. Machine: {machine_summary()}."
+        f"and noisy (other work on the machine shows up too; 1-minute load average {load[0]:.1f} when this "
+        f"section started, {load[1]:.1f} when it ended); compare the ratios. Machine: {machine_summary()}."
     )
     out.append("")
     out.append(
@@ -468,11 +470,22 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, baseline_
         ("mesh adds <= 0.3 ms p50 at 1 connection", header.median(1, "p50_ms") - base_p50, 0.3, "{:+.2f} ms"),
         ("fast path throughput >= 90% of Envoy alone", fast.median(SATURATION, "rps") / base_rps, 0.9, "{:.0%}"),
     ]
-    out.append("| target | measured | met |")
-    out.append("|---|---:|:---:|")
-    for text, value, limit, fmt in checks:
+    parts_all = ["Envoy", "ext_proc", "control plane", "upstream", "wrk"]
+
+    def capacity(row: Row) -> str:
+        total = sum(_cpu(row, p) for p in parts_all if row.cpu.get(p))
+        alone_total = sum(_cpu(alone, p) for p in parts_all if alone.cpu.get(p))
+        return f"{alone_total / total:.0%}" if total else "n/a"
+
+    out.append("| target | measured | met | capacity (CPU per request) |")
+    out.append("|---|---:|:---:|---:|")
+    for (text, value, limit, fmt), row in zip(checks, (header, header, fast)):
         ok = value <= limit if "adds" in text else value >= limit
-        out.append(f"| {text} | {fmt.format(value)} | {'yes' if ok else 'no'} |")
+        cap = capacity(row) if "throughput" in text else "—"
+        out.append(f"| {text} | {fmt.format(value)} | {'yes' if ok else 'no'} | {cap} |")
+    quiet = by["quiet-fast"]
+    out.append(f"| (fast path with telemetry off) | {quiet.median(SATURATION, 'rps') / base_rps:.0%} | "
+               f"{'yes' if quiet.median(SATURATION, 'rps') / base_rps >= 0.9 else 'no'} | {capacity(quiet)} |")
     out.append("")
 
     # CPU per request.
@@ -480,9 +493,10 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, baseline_
     out.append(f"CPU time per request at {SATURATION} connections, by process (µs, median), and ext_proc streams "
                "per request (a check: 1 per picker round, 0 on the fast path):")
     out.append("")
-    out.append("| configuration | " + " | ".join(parts) + " | total | ext_proc streams / request "
-               "| ext_proc syscalls / request | ext_proc context switches / request |")
-    out.append("|---|" + "---:|" * (len(parts) + 4))
+    out.append("| configuration | " + " | ".join(parts) + " | total | capacity vs Envoy alone | ext_proc streams / "
+               "request | ext_proc syscalls / request | ext_proc context switches / request |")
+    out.append("|---|" + "---:|" * (len(parts) + 5))
+    alone_total = sum(_cpu(alone, p) if alone.cpu.get(p) else 0.0 for p in parts)
     for r in rows:
         if not r.cpu:
             continue
@@ -490,8 +504,14 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, baseline_
         streams = f"{statistics.median(r.extproc_streams):.2f}" if r.extproc_streams else "—"
         kernel = [f"{statistics.median(r.kernel[k]):.1f}" if r.kernel.get(k) else "—"
                   for k in ("syscalls", "context switches")]
-        out.append(f"| {r.label} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {sum(values):.0f} | {streams} | "
-                   + " | ".join(kernel) + " |")
+        out.append(f"| {r.label} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {sum(values):.0f} | "
+                   f"{alone_total / sum(values):.0%} | {streams} | " + " | ".join(kernel) + " |")
+    out.append("")
+    out.append(
+        "\"Capacity\" is Envoy alone's total CPU per request over the row's: the throughput ratio these "
+        "processes would reach if they had the cores to themselves and were CPU-bound. It moves much less "
+        "than req/s when other jobs share the machine, so read it next to the measured ratio."
+    )
     out.append("")
     if baseline_error:
         out.append(f"(The baseline ext_proc row is missing: {baseline_error}.)")
@@ -607,6 +627,7 @@ def _ratio(a: Row, b: Row) -> str:
 
 def run(out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     bench = _Bench(scratch_dir("datapath"))
     rows = [Row(**{k: getattr(r, k) for k in ("key", "label", "mesh", "script", "extproc")}) for r in ROWS]
     try:
@@ -628,4 +649,4 @@ def run(out_dir: Path) -> str:
     finally:
         bench.stop()
     plots = _plots(out_dir, rows)
-    return _report(rows, plots, profile_note, top, bench.baseline_error)
+    return _report(rows, plots, profile_note, top, bench.baseline_error, (load_before, os.getloadavg()[0]))

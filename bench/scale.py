@@ -409,6 +409,7 @@ def run(out_dir: Path) -> str:
 
 def render(out_dir: Path, results: dict) -> str:
     """Plots and the markdown section from a run's results (also `python -m bench.scale --render FILE`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plot(out_dir, results["builds"], results["rounds"])
     return _report(results["builds"], results["rounds"], results["process"], plots, results["repeats"],
                    results.get("loadavg"), results.get("cpus"))

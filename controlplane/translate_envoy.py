@@ -286,7 +286,7 @@ def translate_listener(model: MeshModel, options: EnvoyOptions) -> listener_pb2.
         rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=_ads()),
         http_filters=[
             hcm_pb2.HttpFilter(name="envoy.filters.http.header_mutation", typed_config=_any(strip_internal)),
-            hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc)),
+            hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc), disabled=has_fast_path(model)),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ],
         local_reply_config=_local_reply_config(),
@@ -356,7 +356,7 @@ def translate_routes(model: MeshModel, memo: TranslationMemo | None = None) -> r
     for m in model.models:
         routes += memo.get("model-routes", model_routes_key(m), _model_routes, m, model)
     routes.append(_unknown_model_route())
-    return route_pb2.RouteConfiguration(
+    config = route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[route_components_pb2.VirtualHost(name="models", domains=["*"], routes=routes)],
         # Stale internal headers never reach a replica or the client.
@@ -365,6 +365,9 @@ def translate_routes(model: MeshModel, memo: TranslationMemo | None = None) -> r
         # every model (85 KB at 1,000 models).
         max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(value=_direct_body_limit(routes)),
     )
+    if has_fast_path(model):  # the listener's ext_proc is off by default then: on everywhere but the fast routes
+        config.typed_per_filter_config[EXTPROC_FILTER].CopyFrom(_extproc_enabled())
+    return config
 
 
 def _direct_body_limit(routes: list[route_components_pb2.Route]) -> int:
@@ -456,9 +459,27 @@ def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.
     return routes
 
 
+def has_fast_path(model: MeshModel) -> bool:
+    return any(m.routing_mode == "fast" for m in model.models)
+
+
+# With a fast path in the mesh, the ext_proc filter is off by default in the listener and on for
+# every route (route-configuration level) except the fast routes, which turn it off with a
+# FilterConfig: Envoy then does not even create the filter for them, which saves about 25 µs of
+# Envoy CPU per request over a filter that is created and then disables itself per route
+# (docs/benchmarks.md). Without a fast path the listener is as it always was.
+
+
 @functools.lru_cache(maxsize=1)
 def _extproc_disabled() -> any_pb2.Any:
-    return _any(ext_proc_pb2.ExtProcPerRoute(disabled=True))
+    return _any(route_components_pb2.FilterConfig(disabled=True))
+
+
+@functools.lru_cache(maxsize=1)
+def _extproc_enabled() -> any_pb2.Any:
+    per_route = ext_proc_pb2.ExtProcPerRoute()
+    per_route.overrides.SetInParent()  # no override: the listener's config, switched on
+    return _any(per_route)
 
 
 def _forced_version_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.Route]:

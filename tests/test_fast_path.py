@@ -148,3 +148,17 @@ def test_translation_disables_the_extproc_on_fast_routes_and_sets_weights():
         for cla in resources.endpoints.values() for loc in cla.endpoints for e in loc.lb_endpoints
     }
     assert weights == {"10.0.0.1:1": 1, "10.0.0.2:1": 90, "10.0.0.3:1": 0}  # picker-mode b: Envoy's default
+    # The filter is off by default (not even created on fast routes) and on for everything else.
+    assert EXTPROC_FILTER in resources.routes["imesh_routes"].typed_per_filter_config
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+    manager = hcm.HttpConnectionManager()
+    resources.listeners["imesh_http"].filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert [f.disabled for f in manager.http_filters if f.name == EXTPROC_FILTER] == [True]
+    # A mesh without a fast path keeps its listener as it was.
+    picker_only = build_mesh_model(parse_spec("pools: [{name: p}]\nmodels: [{name: b, versions: [{name: v1}]}]"))
+    plain = translate(picker_only)
+    manager = hcm.HttpConnectionManager()
+    plain.listeners["imesh_http"].filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert [f.disabled for f in manager.http_filters if f.name == EXTPROC_FILTER] == [False]
+    assert not plain.routes["imesh_routes"].typed_per_filter_config

@@ -80,13 +80,14 @@ def test_200_models_build_consistently_and_incrementally() -> None:
     data = spec.model_dump(mode="json", by_alias=True)
     removed = data["models"].pop(5)
     data["models"].append({**removed, "name": "brand-new"})
+    data["models"][10]["routing_mode"] = "fast"  # a mesh-wide effect too: the listener's ext_proc filter
     respec = MeshSpec.model_validate(data)
     builder.spec = respec
     rebuilt, _ = builder.build(weights)
     assert check_consistency(rebuilt, STATIC_CLUSTERS) == []
     delta = changed(reweighted, rebuilt)
     assert delta["Cluster"] == delta["ClusterLoadAssignment"] == {"model-0005/v1", "brand-new/v1"}
-    assert delta["RouteConfiguration"] == {"imesh_routes"} and "Listener" not in delta
+    assert delta["RouteConfiguration"] == {"imesh_routes"}
     assert rebuilt.same_resources(fresh(respec, builder, weights))
 
     # Unchanged model objects are shared between builds (so the memo finds them by identity, and a
