@@ -126,6 +126,7 @@ class ScoringSpec(_Strict):
     queue_weight: float = Field(default=2.0, ge=0)
     kv_cache_weight: float = Field(default=2.0, ge=0)
     inflight_weight: float = Field(default=1.0, ge=0)
+    latency_weight: float = Field(default=2.0, ge=0, description="weight of the replica's recent mean latency")
     saturation_queue: float = Field(default=5.0, gt=0)
     saturation_kv: float = Field(default=0.8, gt=0, le=1)
     stale_after_s: float = Field(default=2.0, gt=0)

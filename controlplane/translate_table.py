@@ -55,6 +55,7 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
             queue_weight=scoring.queue_weight,
             kv_cache_weight=scoring.kv_cache_weight,
             inflight_weight=scoring.inflight_weight,
+            latency_weight=scoring.latency_weight,
             saturation_queue=scoring.saturation_queue,
             saturation_kv=scoring.saturation_kv,
             stale_after_s=scoring.stale_after_s,

@@ -17,6 +17,7 @@ from protos import mesh_pb2
 DEFAULT_QUEUE_WEIGHT = 2.0
 DEFAULT_KV_CACHE_WEIGHT = 2.0
 DEFAULT_INFLIGHT_WEIGHT = 1.0
+DEFAULT_LATENCY_WEIGHT = 2.0
 DEFAULT_SATURATION_QUEUE = 5.0
 DEFAULT_SATURATION_KV = 0.8
 DEFAULT_STALE_AFTER_S = 2.0
@@ -133,6 +134,7 @@ class ScoringView:
         "saturation_queue",
         "saturation_kv",
         "stale_after_s",
+        "latency_weight",
     )
 
     def __init__(
@@ -143,6 +145,7 @@ class ScoringView:
         saturation_queue: float = DEFAULT_SATURATION_QUEUE,
         saturation_kv: float = DEFAULT_SATURATION_KV,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        latency_weight: float = DEFAULT_LATENCY_WEIGHT,
     ):
         self.queue_weight = queue_weight
         self.kv_cache_weight = kv_cache_weight
@@ -151,11 +154,13 @@ class ScoringView:
         self.saturation_queue = saturation_queue if saturation_queue > 0 else DEFAULT_SATURATION_QUEUE
         self.saturation_kv = saturation_kv if saturation_kv > 0 else DEFAULT_SATURATION_KV
         self.stale_after_s = stale_after_s if stale_after_s > 0 else DEFAULT_STALE_AFTER_S
+        self.latency_weight = latency_weight
 
     @classmethod
     def from_proto(cls, s: mesh_pb2.Scoring) -> ScoringView:
         return cls(
-            s.queue_weight, s.kv_cache_weight, s.inflight_weight, s.saturation_queue, s.saturation_kv, s.stale_after_s
+            s.queue_weight, s.kv_cache_weight, s.inflight_weight, s.saturation_queue, s.saturation_kv, s.stale_after_s,
+            s.latency_weight,
         )
 
     def key(self) -> tuple[float, ...]:

@@ -67,20 +67,22 @@ class PriorityClass(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., preferred_tiers: _Optional[_Iterable[str]] = ..., strict_tiers: _Optional[bool] = ..., shed_threshold: _Optional[float] = ...) -> None: ...
 
 class Scoring(_message.Message):
-    __slots__ = ("queue_weight", "kv_cache_weight", "inflight_weight", "saturation_queue", "saturation_kv", "stale_after_s")
+    __slots__ = ("queue_weight", "kv_cache_weight", "inflight_weight", "saturation_queue", "saturation_kv", "stale_after_s", "latency_weight")
     QUEUE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SATURATION_QUEUE_FIELD_NUMBER: _ClassVar[int]
     SATURATION_KV_FIELD_NUMBER: _ClassVar[int]
     STALE_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     queue_weight: float
     kv_cache_weight: float
     inflight_weight: float
     saturation_queue: float
     saturation_kv: float
     stale_after_s: float
-    def __init__(self, queue_weight: _Optional[float] = ..., kv_cache_weight: _Optional[float] = ..., inflight_weight: _Optional[float] = ..., saturation_queue: _Optional[float] = ..., saturation_kv: _Optional[float] = ..., stale_after_s: _Optional[float] = ...) -> None: ...
+    latency_weight: float
+    def __init__(self, queue_weight: _Optional[float] = ..., kv_cache_weight: _Optional[float] = ..., inflight_weight: _Optional[float] = ..., saturation_queue: _Optional[float] = ..., saturation_kv: _Optional[float] = ..., stale_after_s: _Optional[float] = ..., latency_weight: _Optional[float] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
     __slots__ = ("version", "models", "priorities", "default_priority", "scoring", "max_body_bytes", "version_header")

@@ -483,3 +483,22 @@ async def test_wait_for_report_times_out_when_not_started() -> None:
     with pytest.raises(TimeoutError):
         await monitor.wait_for_report(0, timeout=0.1)
     await monitor.stop()
+
+
+def test_recent_latency_comes_from_histogram_deltas_between_scrapes():
+    from controlplane.load_monitor import _recent_latency
+    from controlplane.metrics_parsing import EngineLoad, parse_engine_load
+
+    page = (
+        "# TYPE vllm:e2e_request_latency_seconds histogram\n"
+        'vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="m"} 10\n'
+        'vllm:e2e_request_latency_seconds_sum{model_name="m"} 5.0\n'
+        'vllm:e2e_request_latency_seconds_count{model_name="m"} 10\n'
+    )
+    first = parse_engine_load(page, "vllm")
+    assert (first.latency_sum, first.latency_count) == (5.0, 10.0)
+    # 10 more requests took 20 s in all: a mean of 2 s, smoothed with the previous 0.5 s.
+    second = EngineLoad(latency_sum=25.0, latency_count=20.0)
+    assert _recent_latency(first, second, 0.5) == 0.5 * 0.5 + 0.5 * 2.0
+    assert _recent_latency(second, second, 1.25) == 1.25  # nothing finished: unchanged
+    assert _recent_latency(second, EngineLoad(), 1.25) == 0.0  # counters reset: start over

@@ -66,7 +66,8 @@ def routing(versions: dict[str, list[mesh_pb2.Endpoint]] | list[mesh_pb2.Endpoin
         priorities=PRIORITIES,
         default_priority="standard",
         scoring=mesh_pb2.Scoring(
-            queue_weight=2, kv_cache_weight=2, inflight_weight=1, saturation_queue=5, saturation_kv=0.8, stale_after_s=2
+            queue_weight=2, kv_cache_weight=2, inflight_weight=1, saturation_queue=5, saturation_kv=0.8, stale_after_s=2,
+            latency_weight=2,
         ),
     )
     return RoutingView.from_proto(table)
@@ -85,6 +86,7 @@ def load(**readings) -> LoadView:
                 gpu_util=-1,
                 age_s=r.get("age", 0.05),
                 reachable=r.get("reachable", True),
+                latency_s=r.get("latency", 0.0),
             )
         )
     return LoadView.from_proto(report, received_at=NOW)
@@ -180,6 +182,16 @@ def test_idle_replica_gets_more_traffic_than_loaded_one_with_inflight_feedback()
     # The idle one gets clearly more, and the loaded one still gets some (the load spreads).
     assert inflight[addr(1)] > 1.5 * inflight[addr(2)]
     assert inflight[addr(2)] > 0
+
+
+def test_slow_replica_ranked_below_an_equally_loaded_fast_one():
+    r = routing(eps(1, 2))
+    lv = load(e1=dict(IDLE, latency=2.0), e2=dict(IDLE, latency=0.1))
+    assert pick(r, lv).primary == addr(2)
+    # Without latency readings the two are equal again, and the ties rotate.
+    unknown = load(e1=IDLE, e2=IDLE)
+    picker = Picker()
+    assert {pick(r, unknown, picker=picker).primary for _ in range(20)} == {addr(1), addr(2)}
 
 
 def test_hosts_are_ranked_and_limited_per_version():

@@ -32,7 +32,7 @@ from extproc.picker.profile import (
     default_profile,
     pick_endpoints,
 )
-from extproc.picker.scorers import InflightScorer, KVCacheScorer, QueueScorer, RunningScorer
+from extproc.picker.scorers import InflightScorer, KVCacheScorer, LatencyScorer, QueueScorer, RunningScorer
 
 __all__ = [
     "TRUSTED",
@@ -56,6 +56,7 @@ __all__ = [
     "QueueScorer",
     "Refusal",
     "RunningScorer",
+    "LatencyScorer",
     "SchedulerProfile",
     "Shed",
     "TooLarge",

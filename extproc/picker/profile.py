@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from extproc.errors import NO_CAPACITY_RETRY_AFTER_S, SHED_RETRY_AFTER_S, RequestError
 from extproc.picker.filters import Candidate, FilterContext, default_filters
-from extproc.picker.scorers import InflightScorer, KVCacheScorer, QueueScorer, RunningScorer
+from extproc.picker.scorers import InflightScorer, KVCacheScorer, LatencyScorer, QueueScorer, RunningScorer
 from extproc.routing_view import LoadView, ModelView, PriorityView, RoutingView, ScoringView, VersionView
 
 INF = math.inf
@@ -388,8 +388,8 @@ def default_profile(
     hosts_per_version: int = DEFAULT_HOSTS_PER_VERSION,
 ) -> SchedulerProfile:
     """The standard profile: drained -> tiers -> freshness -> shed point -> saturation; scored by
-    queue (with in-flight added), KV cache and in-flight with the table's weights, plus the running
-    batch at ``running_weight``."""
+    queue (with in-flight added), KV cache, in-flight and recent latency with the table's weights,
+    plus the running batch at ``running_weight``."""
     return SchedulerProfile(
         default_filters(),
         (
@@ -397,6 +397,7 @@ def default_profile(
             KVCacheScorer(scoring.kv_cache_weight),
             InflightScorer(scoring.inflight_weight),
             RunningScorer(running_weight),
+            LatencyScorer(scoring.latency_weight),
         ),
         hosts_per_version,
     )

@@ -66,6 +66,38 @@ class KVCacheScorer:
         return None
 
 
+class LatencyScorer:
+    """Recent mean latency relative to the fastest candidate: ``fastest / latency``.
+
+    Queue and KV signals miss a replica that is simply slow (older GPU, thermal throttling, a noisy
+    neighbour): its queue stays short while every request takes longer. The load monitor derives
+    each replica's recent mean latency from its latency histogram; unknown latency scores neutral.
+    """
+
+    name = "latency"
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def static(self, ctx: FilterContext, candidates: list[Candidate]) -> list[float]:
+        latencies = [_trusted_latency(c) for c in candidates]
+        known = [x for x in latencies if x > 0.0]
+        if not known:
+            return [NEUTRAL] * len(candidates)
+        fastest = min(known)
+        return [NEUTRAL if x <= 0.0 else fastest / x for x in latencies]
+
+    def inflight(self, ctx: FilterContext, candidates: list[Candidate]) -> None:
+        return None
+
+
+def _trusted_latency(candidate: Candidate) -> float:
+    # An untrusted (stale, unreachable) reading leaves waiting None: its latency is not evidence either.
+    if candidate.waiting is None or candidate.reading is None:
+        return 0.0
+    return candidate.reading.latency_s
+
+
 def decay_scale(candidate: Candidate, scoring) -> float:
     """C, the in-flight count at which the in-flight score has halved: the replica's
     ``max_concurrency`` when known, else ``saturation_queue``."""
