@@ -6,6 +6,7 @@ separate processes talking real gRPC and HTTP over loopback.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -43,17 +44,25 @@ class MeshPorts:
         return EnvoyPorts(admin=self.admin, xds=self.control_plane, extproc=self.extproc, host=self.host)
 
 
+_handed_out: set[int] = set()
+
+
 def free_ports(count: int) -> list[int]:
     """Distinct ports free right now, from below the kernel's ephemeral range.
 
     Ports the kernel hands out for port 0 come from the same range as the source ports of
     outgoing connections, so a port picked that way can be taken by a client socket before the
-    server binds it. Ports below that range are only ever taken by an explicit bind.
+    server binds it. Ports below that range are only ever taken by an explicit bind. Parallel test
+    workers (pytest-xdist) each draw from their own slice, and no port is handed out twice by one
+    process, so two meshes starting at once cannot pick the same port.
     """
-    low, high = _ephemeral_range()
-    candidates = random.sample(range(20_000, min(low, 65_536)), k=min(4 * count + 64, min(low, 65_536) - 20_000))
+    start, stop = _port_slice()
+    offset = random.randrange(stop - start)
     chosen: list[int] = []
-    for port in candidates:
+    for i in range(stop - start):
+        port = start + (offset + i) % (stop - start)
+        if port in _handed_out:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
@@ -61,8 +70,22 @@ def free_ports(count: int) -> list[int]:
                 continue
         chosen.append(port)
         if len(chosen) == count:
+            _handed_out.update(chosen)
             return chosen
-    raise RuntimeError(f"could not find {count} free ports below {low}")
+    raise RuntimeError(f"could not find {count} free ports in {start}-{stop}")
+
+
+def _port_slice() -> tuple[int, int]:
+    """This process's share of 20000 .. (start of the ephemeral range)."""
+    low, _ = _ephemeral_range()
+    top = min(low, 65_536)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...; "" outside xdist
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if not worker.startswith("gw") or workers <= 0:
+        return 20_000, top
+    size = (top - 20_000) // workers
+    index = int(worker[2:]) % workers
+    return 20_000 + index * size, 20_000 + (index + 1) * size
 
 
 def _ephemeral_range() -> tuple[int, int]:

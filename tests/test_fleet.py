@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet import FleetConfig, FleetConfigError, ReplicaConfig, RunningFleet, start_fleet
+from imesh.local_mesh import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "llama-3-8b"
@@ -513,17 +513,6 @@ async def test_kserve_v2_with_tritonclient_binary_tensors():
 
 
 # ---- CLI ----------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_cli_runs_until_sigterm(tmp_path):
