@@ -513,18 +513,16 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
         self.streams: set[AdsStream] = set()  # live ones, for introspection and tests
 
     async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
-        stream = AdsStream(self.cache, self.control_plane_id)
-        self.streams.add(stream)
-        try:
-            async for response in stream.run(request_iterator):
-                yield response
-        except ProtocolError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        finally:
-            self.streams.discard(stream)
+        async for response in self._serve(AdsStream(self.cache, self.control_plane_id), request_iterator, context):
+            yield response
 
     async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
         stream = DeltaAdsStream(self.cache, self.control_plane_id)
+        async for response in self._serve(stream, request_iterator, context):
+            yield response
+
+    async def _serve(self, stream, request_iterator, context):
+        """Run one Envoy stream (either variant), registered while it lives."""
         self.streams.add(stream)
         try:
             async for response in stream.run(request_iterator):
