@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import multiprocessing
 import os
@@ -53,7 +52,6 @@ async def serve(args: argparse.Namespace, worker: int) -> None:
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
-    _tune_gc()
     http = await start_http_server(args.host, args.metrics_port, lambda: view.ready) if worker == 0 else None
     log.info("ext_proc worker %d serving on %s:%d", worker, args.host, args.port)
     stop = asyncio.Event()
@@ -65,20 +63,6 @@ async def serve(args: argparse.Namespace, worker: int) -> None:
     await sync.stop()
     if http is not None:
         await http.cleanup()
-
-
-def _tune_gc() -> None:
-    """Keep the cyclic GC off the hot path (docs/benchmarks.md, "Profile of the ext_proc").
-
-    Everything alive after start-up (modules, protobuf descriptors, the servicer) is moved out of
-    the collector's reach with ``gc.freeze()``, so an old-generation collection no longer walks it,
-    and the young generation is collected after 20,000 net allocations instead of 700: each gRPC
-    stream allocates many short-lived objects, nearly all freed by reference counting, and with
-    32 streams in flight the default threshold collected many times a second for nothing.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 50)
 
 
 def run_worker(args: argparse.Namespace, worker: int) -> None:
