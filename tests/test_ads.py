@@ -13,7 +13,6 @@ import grpc
 import httpx
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
-from google.rpc import status_pb2
 
 from controlplane import ads
 from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshotError, Snapshot, check_consistency
@@ -21,6 +20,7 @@ from controlplane.xds_cache import Publisher, SnapshotCache
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from imesh.processes import ManagedProcess
 from tests.xds_fixtures import (
+    FakeEnvoyBase,
     direct,
     eds_cluster,
     free_port,
@@ -351,49 +351,19 @@ async def test_publisher_coalesces_bursts() -> None:
 # ---------------------------------------------------------------- the stream, with a fake Envoy
 
 
-class FakeEnvoy:
-    """Drives an AdsStream like Envoy would, collecting every response."""
+class FakeEnvoy(FakeEnvoyBase):
+    """Drives an AdsStream (State of the World) like Envoy would."""
 
-    def __init__(self, cache: SnapshotCache, node_id: str = "fake"):
-        self.node_id = node_id
-        self.stream = ads.AdsStream(cache)
-        self.responses: list[discovery_pb2.DiscoveryResponse] = []
-        self._requests: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._collect())
-        self._first = True
-        self._seen = 0
-
-    async def _requests_iter(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
-
-    async def _collect(self) -> None:
-        async for response in self.stream.run(self._requests_iter()):
-            self.responses.append(response)
+    stream_class = ads.AdsStream
 
     def send(self, type_url: str, nonce: str = "", names: tuple[str, ...] = (), version: str = "", error: str = "") -> None:
         request = discovery_pb2.DiscoveryRequest(
             type_url=type_url, response_nonce=nonce, resource_names=list(names), version_info=version
         )
-        if self._first:
-            request.node.id = self.node_id
-            self._first = False
-        if error:
-            request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        self._requests.put_nowait(request)
+        self._put(request, error)
 
     def ack(self, response: discovery_pb2.DiscoveryResponse, names: tuple[str, ...] = ()) -> None:
         self.send(response.type_url, response.nonce, names, response.version_info)
-
-    async def settle(self) -> list[discovery_pb2.DiscoveryResponse]:
-        """The responses produced since the last call, once the stream has nothing more to say."""
-        await asyncio.sleep(0.05)
-        new, self._seen = self.responses[self._seen :], len(self.responses)
-        return new
-
-    async def close(self) -> None:
-        self._requests.put_nowait(None)
-        await asyncio.wait_for(self._task, 2)
 
 
 def _names(response: discovery_pb2.DiscoveryResponse) -> set[str]:

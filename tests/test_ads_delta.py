@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
-from google.rpc import status_pb2
 
 from controlplane import ads
 from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
@@ -18,6 +17,7 @@ from controlplane.xds_cache import SnapshotCache
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from tests.test_ads import Mesh, eventually, start_xds
 from tests.xds_fixtures import (
+    FakeEnvoyBase,
     direct,
     eds_cluster,
     free_port,
@@ -212,25 +212,10 @@ async def _text_is(mesh: DeltaMesh, path: str, text: str) -> bool:
 # ---------------------------------------------------------------- the protocol, with a fake Envoy
 
 
-class FakeDeltaEnvoy:
-    """Drives a DeltaAdsStream like Envoy would, collecting every response."""
+class FakeDeltaEnvoy(FakeEnvoyBase):
+    """Drives a DeltaAdsStream like Envoy would."""
 
-    def __init__(self, cache: SnapshotCache, node_id: str = "fake"):
-        self.node_id = node_id
-        self.stream = ads.DeltaAdsStream(cache)
-        self.responses: list[discovery_pb2.DeltaDiscoveryResponse] = []
-        self._requests: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._collect())
-        self._first = True
-        self._seen = 0
-
-    async def _requests_iter(self) -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
-
-    async def _collect(self) -> None:
-        async for response in self.stream.run(self._requests_iter()):
-            self.responses.append(response)
+    stream_class = ads.DeltaAdsStream
 
     def send(
         self,
@@ -248,24 +233,10 @@ class FakeDeltaEnvoy:
             resource_names_unsubscribe=list(unsubscribe),
             initial_resource_versions=initial or {},
         )
-        if self._first:
-            request.node.id = self.node_id
-            self._first = False
-        if error:
-            request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        self._requests.put_nowait(request)
+        self._put(request, error)
 
     def ack(self, response: discovery_pb2.DeltaDiscoveryResponse, **kwargs) -> None:
         self.send(response.type_url, response.nonce, **kwargs)
-
-    async def settle(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-        await asyncio.sleep(0.05)
-        new, self._seen = self.responses[self._seen :], len(self.responses)
-        return new
-
-    async def close(self) -> None:
-        self._requests.put_nowait(None)
-        await asyncio.wait_for(self._task, 2)
 
 
 def _names(response: discovery_pb2.DeltaDiscoveryResponse) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2, duration_pb2
+from google.rpc import status_pb2
 
 from imesh.local_mesh import free_ports
 
@@ -144,3 +146,48 @@ def upstream(body: bytes = b"from upstream") -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class FakeEnvoyBase:
+    """Drives an ADS stream (either variant) like Envoy would, collecting every response.
+
+    Subclasses name the stream class and build their own request messages; this part is shared.
+    """
+
+    stream_class: type
+
+    def __init__(self, cache, node_id: str = "fake"):
+        self.node_id = node_id
+        self.stream = self.stream_class(cache)
+        self.responses: list = []
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._collect())
+        self._first = True
+        self._seen = 0
+
+    async def _requests_iter(self):
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def _collect(self) -> None:
+        async for response in self.stream.run(self._requests_iter()):
+            self.responses.append(response)
+
+    def _put(self, request, error: str) -> None:
+        """Queue a request; the first carries the node id, an `error` makes it a NACK."""
+        if self._first:
+            request.node.id = self.node_id
+            self._first = False
+        if error:
+            request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+        self._requests.put_nowait(request)
+
+    async def settle(self) -> list:
+        """The responses produced since the last call, once the stream has nothing more to say."""
+        await asyncio.sleep(0.05)
+        new, self._seen = self.responses[self._seen :], len(self.responses)
+        return new
+
+    async def close(self) -> None:
+        self._requests.put_nowait(None)
+        await asyncio.wait_for(self._task, 2)
