@@ -90,3 +90,18 @@ def test_diff_is_keyed_by_name():
         "~ models.m.versions.v2.weight: 10 -> 20",
     ]
     assert diff_specs(old, old) == []
+
+
+def test_mesh_model_reuses_unchanged_versions_and_matches_a_cold_build():
+    import controlplane.mesh_model as mesh_model
+
+    spec = parse_spec(GOOD)
+    first = build_mesh_model(spec)
+    drained = build_mesh_model(spec, Overrides(drained=frozenset({"127.0.0.1:9001"})))
+    v1, v2 = drained.model("m").versions
+    assert v1 is first.model("m").versions[0]  # untouched: the very same object, endpoints not walked
+    assert v2 is not first.model("m").versions[1] and v2.endpoints[0].drained
+    reweighted = build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}}))
+    assert reweighted.model("m").versions[0].weight == 10
+    mesh_model._VERSIONS.clear()
+    assert build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}})) == reweighted
