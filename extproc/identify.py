@@ -28,7 +28,7 @@ import json
 from collections.abc import Mapping
 from urllib.parse import unquote
 
-from extproc.errors import RequestError
+from extproc.errors import RequestError, body_too_large
 
 MODEL_HEADER = "x-model-id"
 PRIORITY_HEADER = "x-priority"
@@ -167,9 +167,7 @@ def parse_body(body: bytes, max_bytes: int = 0) -> BodyInfo:
     body is not JSON (the message says where), 400 ``missing_model`` when it has no ``model`` string.
     """
     if max_bytes and len(body) > max_bytes:
-        raise RequestError(
-            413, "request_too_large", f"the request body is {len(body)} bytes; this mesh accepts at most {max_bytes}"
-        )
+        raise body_too_large(len(body), max_bytes)
     if not body:
         raise RequestError(400, "invalid_json", "the request body is empty; expected a JSON object with a \"model\"")
     try:
@@ -297,9 +295,7 @@ def parse_kserve_grpc_body(body: bytes, max_bytes: int = 0) -> BodyInfo:
     servicer should answer a gRPC client with the matching grpc-status.
     """
     if max_bytes and len(body) > max_bytes:
-        raise RequestError(
-            413, "request_too_large", f"the request body is {len(body)} bytes; this mesh accepts at most {max_bytes}"
-        )
+        raise body_too_large(len(body), max_bytes)
     if len(body) < 5:
         raise RequestError(400, "invalid_request", "the gRPC request body is shorter than a gRPC frame header")
     if body[0] != 0:

@@ -15,7 +15,7 @@ import time
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
-from extproc.errors import RequestError, model_not_found
+from extproc.errors import RequestError, body_too_large, model_not_found
 from extproc.identify import Identity, identify, parse_request_body
 from extproc.mesh_view import MeshView
 from extproc.picker import Pick, Picker
@@ -82,7 +82,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if identity.needs_body:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > routing.max_body_bytes:
-                return identity, immediate(_too_large(routing.max_body_bytes))
+                return identity, immediate(body_too_large(int(length), routing.max_body_bytes))
             if message.end_of_stream:
                 return identity, immediate(RequestError(400, "missing_body", "request has no body naming a model"))
             return identity, SEND_BODY
@@ -134,10 +134,6 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if model is None:
             return immediate(model_not_found(name))
         return json_reply(200, model.openai_body, "imesh_model")
-
-
-def _too_large(limit: int) -> RequestError:
-    return RequestError(413, "request_too_large", f"request body is larger than the mesh's limit of {limit} bytes")
 
 
 def _continue(phase: str | None) -> ext.ProcessingResponse:
