@@ -56,10 +56,6 @@ class ControlPlane:
         self.store = StateStore(config.state_dir, config.spec)
         self.cache = SnapshotCache(known_static_clusters={EXTPROC_CLUSTER, "imesh_xds"})
         self._translation_memo = TranslationMemo()
-        # The cache forgets a NACK once a later config is fully ACKed (e.g. our own revert); the
-        # operator still needs to see the last one, so it is remembered per node here.
-        self._last_nacks: dict[str, tuple[str, str, str]] = {}
-        self.cache.nack_hooks.append(self._remember_nack)
         self.tables: Latest[mesh_pb2.RoutingTable] = Latest()
         self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)
         # Access-log records, /metrics and status traffic (docs/observability.md).
@@ -215,21 +211,16 @@ class ControlPlane:
                 return None
             await asyncio.sleep(0.01)
 
-    def _remember_nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
-        log.error("Envoy %s rejected %s version %s: %s", node_id, type_url.rsplit(".", 1)[-1], version, message)
-        self._last_nacks[node_id] = (type_url, version, message)
-
     # ------------------------------------------------------------ status
 
     def _node_status(self, node) -> mesh_pb2.EnvoyNodeStatus:
-        nack_type, nack_version, nack_message = self._last_nacks.get(node.node_id, ("", "", ""))
         return mesh_pb2.EnvoyNodeStatus(
             node_id=node.node_id,
             connected=node.connected,
             acked_version=node.acked_version or "",
-            last_nack_type=nack_type,
-            last_nack_version=nack_version,
-            last_nack_message=nack_message,
+            last_nack_type=node.last_nack_type or "",
+            last_nack_version=node.last_nack_version or "",
+            last_nack_message=node.last_nack_message or "",
         )
 
     def status(self) -> mesh_pb2.MeshStatus:

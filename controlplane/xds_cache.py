@@ -60,6 +60,7 @@ class NodeStatus:
     acked: dict[str, str] = field(default_factory=dict)  # type URL → last ACKed version
     last_ack_at: float | None = None  # wall-clock time
     nack: NackInfo | None = None  # kept until a newly published snapshot is fully ACKed
+    last_nack: NackInfo | None = None  # the latest rejection ever, for the operator: never cleared
     parked_versions: tuple[str, ...] = ()  # rejected versions, never re-sent to this node
     sent: dict[str, int] = field(default_factory=dict)  # responses sent per type URL
     xds_api: str = ""  # "sotw" or "delta": the variant of the node's latest ADS stream
@@ -68,22 +69,23 @@ class NodeStatus:
     def connected(self) -> bool:
         return self.streams > 0
 
-    # Flat views for the mesh API's EnvoyNodeStatus.
+    # Flat views for the mesh API's EnvoyNodeStatus. The last NACK outlives `nack`: once a
+    # rollback is fully ACKed the node is healthy again, but the operator still needs Envoy's words.
     @property
     def acked_version(self) -> str | None:
         return self.synced_version
 
     @property
     def last_nack_type(self) -> str | None:
-        return self.nack.type_url if self.nack else None
+        return self.last_nack.type_url if self.last_nack else None
 
     @property
     def last_nack_version(self) -> str | None:
-        return self.nack.version if self.nack else None
+        return self.last_nack.version if self.last_nack else None
 
     @property
     def last_nack_message(self) -> str | None:
-        return self.nack.message if self.nack else None
+        return self.last_nack.message if self.last_nack else None
 
     @property
     def in_sync(self) -> bool:
@@ -253,7 +255,7 @@ class SnapshotCache:
     def record_nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
         """Envoy rejected `version` of `type_url`: park it and roll the node back to its last good config."""
         node = self._node(node_id)
-        node.status.nack = NackInfo(type_url, version, message, time.time())
+        node.status.nack = node.status.last_nack = NackInfo(type_url, version, message, time.time())
         log.warning("Envoy %s rejected %s version %s: %s", node_id, type_url.rsplit(".", 1)[-1], version, message)
         for hook in self.nack_hooks:
             _call_hook(hook, node_id, type_url, version, message)

@@ -240,6 +240,8 @@ async def test_rejected_snapshot_is_rolled_back_without_resend_loop(mesh: Mesh) 
     assert int(fixed.version) > int(revert)
     await eventually(lambda: mesh.synced(fixed.version), what="fixed snapshot ACKed")
     assert mesh.cache.status(mesh.node_id).nack is None
+    # ... while the operator still sees the last rejection, in Envoy's words.
+    assert "NOT_A_COMMAND" in mesh.cache.status(mesh.node_id).last_nack_message
     assert (await mesh.get("/direct")).text == "fixed"
 
 
