@@ -22,7 +22,7 @@ from protos import mesh_pb2
 
 
 class MeshView:
-    __slots__ = ("routing", "load", "recent_picks", "table_version", "load_sequence", "_pick_log")
+    __slots__ = ("routing", "load", "recent_picks", "table_version", "_pick_log")
 
     def __init__(self) -> None:
         self.routing: RoutingView | None = None
@@ -30,7 +30,6 @@ class MeshView:
         self.recent_picks: dict[str, float] = {}  # address -> estimated requests in flight since the report
         self._pick_log: dict[str, deque[tuple[float, float]]] = {}  # address -> (time, share) per pick
         self.table_version = 0
-        self.load_sequence = 0
 
     @property
     def ready(self) -> bool:
@@ -44,7 +43,6 @@ class MeshView:
         self.load = LoadView.from_proto(report, time.monotonic())
         self.recent_picks = {}
         self._pick_log = {}
-        self.load_sequence = report.sequence
 
     def note_pick(self, primaries: tuple[tuple[str, float], ...]) -> None:
         """Count a pick against each version's primary host, weighted by that version's traffic share
