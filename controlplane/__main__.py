@@ -19,6 +19,13 @@ from controlplane.translate_envoy import EnvoyOptions
 from telemetry.http_server import start_http_server
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m controlplane", description=__doc__)
     parser.add_argument("--spec", type=Path, required=True, help="initial spec (used when --state-dir is empty)")
@@ -35,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="Envoy's JSON access log file ('' = none)")
     telemetry.add_argument("--access-log-flush", type=float, default=0.5,
                            help="seconds Envoy batches access log entries for the control plane")
+    telemetry.add_argument("--fast-path-log-sample", type=_positive_int, default=10, metavar="N",
+                           help="log 1 in N successful fast-path requests (failures and picker-routed requests "
+                                "are always logged; metrics count each sampled one as N); 1 logs every request")
     telemetry.add_argument("--no-grpc-access-log", action="store_true",
                            help="no access log stream to the control plane (no request metrics or status traffic)")
     telemetry.add_argument("--tracing-collector", default="", help="OTLP/gRPC collector host:port for Envoy's tracer")
@@ -56,6 +66,7 @@ async def serve(args: argparse.Namespace) -> None:
             grpc_access_log=not args.no_grpc_access_log,
             access_log_flush_s=args.access_log_flush,
             access_log_path=args.access_log_path,
+            fast_path_log_sample=args.fast_path_log_sample,
             tracing_collector=args.tracing_collector,
             trace_sampling_percent=args.trace_sampling,
         ),

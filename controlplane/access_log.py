@@ -9,6 +9,9 @@ Each entry becomes a ``RequestRecord`` (controlplane/request_record.py) and goes
 Labels are resolved against the mesh model of the moment (``MeshLabels``): the upstream cluster
 names model and version, the upstream host names the endpoint and so its pool; requests that never
 reached a cluster (shed, unknown model) fall back to what the ext_proc left in dynamic metadata.
+
+Envoy logs only 1 in N of the successes it routed on its own (the fast path; translate_telemetry's
+``log_filter``), so such a record carries ``weight`` N and every sink counts it as N requests.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from controlplane.mesh_model import MeshModel
 from controlplane.request_record import RequestRecord, RequestRecords
+from controlplane.translate_telemetry import LOGGED_STATUS, PICK_METADATA_KEY, PICK_METADATA_NAMESPACE
 
 log = logging.getLogger("imesh.accesslog")
 
@@ -92,8 +96,20 @@ def _upstream_failure(flags) -> bool:
     return any(value and field.name in _UPSTREAM_FAILURE_FLAGS for field, value in flags.ListFields())
 
 
-def to_record(entry: accesslog_pb2.HTTPAccessLogEntry, labels: MeshLabels, node: str = "") -> RequestRecord:
-    """One access log entry as a RequestRecord, labelled by the current mesh model."""
+def sample_weight(common: accesslog_pb2.AccessLogCommon, status: int, one_in: int) -> int:
+    """How many requests an entry stands for: ``one_in`` for a success Envoy routed without a pick
+    (logged 1 in ``one_in``), 1 for the rest (always logged). The same test as Envoy's log filter."""
+    if one_in <= 1 or status >= LOGGED_STATUS or common.response_flags.ListFields():
+        return 1
+    pick = common.metadata.filter_metadata.get(PICK_METADATA_NAMESPACE)
+    return 1 if pick is not None and PICK_METADATA_KEY in pick.fields else one_in
+
+
+def to_record(
+    entry: accesslog_pb2.HTTPAccessLogEntry, labels: MeshLabels, node: str = "", one_in: int = 1
+) -> RequestRecord:
+    """One access log entry as a RequestRecord, labelled by the current mesh model; ``one_in`` is
+    Envoy's fast-path log sampling (``EnvoyOptions.fast_path_log_sample``)."""
     common, request, response = entry.common_properties, entry.request, entry.response
     meta = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
     meta_fields = meta.fields if meta is not None else {}
@@ -141,15 +157,17 @@ def to_record(entry: accesslog_pb2.HTTPAccessLogEntry, labels: MeshLabels, node:
         details=details,
         request_id=request.request_id,
         node=node,
+        weight=sample_weight(common, status, one_in),
     )
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
     """``envoy.service.accesslog.v3.AccessLogService``: one client stream per Envoy (per worker)."""
 
-    def __init__(self, records: RequestRecords, labels: MeshLabels | None = None):
+    def __init__(self, records: RequestRecords, labels: MeshLabels | None = None, one_in: int = 1):
         self.records = records
         self.labels = labels or MeshLabels()  # replaced whole by the control plane on every rebuild
+        self.one_in = one_in  # Envoy's fast-path log sampling: a sampled success stands for this many
         self.streams = 0
         self.entries = 0
 
@@ -162,10 +180,10 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
                     node = message.identifier.node.id  # only on a stream's first message
                 if not message.HasField("http_logs"):
                     continue
-                labels, emit = self.labels, self.records.emit
+                labels, emit, one_in = self.labels, self.records.emit, self.one_in
                 for entry in message.http_logs.log_entry:
                     try:
-                        record = to_record(entry, labels, node)
+                        record = to_record(entry, labels, node, one_in)
                     except Exception:  # an entry we cannot read must not end the stream
                         log.exception("unreadable access log entry from %s", node)
                         continue
@@ -176,7 +194,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
 
-def add_to_server(server: grpc.aio.Server, records: RequestRecords, labels: MeshLabels | None = None) -> AccessLogServicer:
-    servicer = AccessLogServicer(records, labels)
+def add_to_server(
+    server: grpc.aio.Server, records: RequestRecords, labels: MeshLabels | None = None, one_in: int = 1
+) -> AccessLogServicer:
+    servicer = AccessLogServicer(records, labels, one_in)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
     return servicer

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -41,7 +40,7 @@ from controlplane.canary_state import (
 )
 from controlplane.errors import ConfigRejected, Conflict, InvalidRequest
 from controlplane.mesh_model import Overrides
-from controlplane.request_record import RequestRecord
+from controlplane.request_record import RequestRecord, weighted_percentile
 from controlplane.spec import MeshSpec, ModelSpec
 
 log = logging.getLogger("imesh.canary")
@@ -86,7 +85,7 @@ class VersionWindows:
         self._max = max_per_version
         self._clock = clock
         self._watched: frozenset[str] = frozenset()
-        self._windows: dict[tuple[str, str], deque[tuple[float, bool, float]]] = {}
+        self._windows: dict[tuple[str, str], deque[tuple[float, bool, float, int]]] = {}  # (time, failed, duration, weight)
 
     def watch(self, models: Iterable[str]) -> None:
         """Keep records of these models only (those with an active canary); forget the others."""
@@ -103,7 +102,7 @@ class VersionWindows:
         if window is None:
             window = self._windows[key] = deque(maxlen=self._max)
         now = self._clock()
-        window.append((now, is_failure(record), record.duration_s))
+        window.append((now, is_failure(record), record.duration_s, record.weight))
         horizon = now - self._horizon
         while window[0][0] < horizon:
             window.popleft()
@@ -112,21 +111,15 @@ class VersionWindows:
         """Requests of ``model``/``version`` that finished at or after ``since`` (the clock's time)."""
         window = self._windows.get((model, version), ())
         durations = []
-        errors = 0
-        for at, failed, duration in reversed(window):
+        requests = errors = 0
+        for at, failed, duration, weight in reversed(window):
             if at < since:
                 break
-            durations.append(duration)
-            errors += failed
-        return GateReading(version, len(durations), errors, _p99(durations), max(self._clock() - since, 0.0))
-
-
-def _p99(values: list[float]) -> float:
-    """Nearest-rank 99th percentile (0 for no values): no interpolation past the largest sample."""
-    if not values:
-        return 0.0
-    values.sort()
-    return values[max(math.ceil(0.99 * len(values)) - 1, 0)]
+            durations.append((duration, weight))
+            requests += weight
+            errors += failed * weight
+        return GateReading(version, requests, errors, weighted_percentile(durations, 0.99),
+                           max(self._clock() - since, 0.0))
 
 
 def judge(gates: Gates, reading: GateReading) -> tuple[str, str]:

@@ -46,6 +46,7 @@ class Observability:
         config_version: Callable[[], int],
         *,
         stats_window_s: float = 30.0,
+        log_sample: int = 1,
         registry: CollectorRegistry | None = None,
     ):
         self.registry = registry or _process_registry()
@@ -56,6 +57,7 @@ class Observability:
         self.records.add_sink(self.request_metrics)
         self.records.add_sink(self.request_stats)
         self.access_log: AccessLogServicer | None = None
+        self.log_sample = log_sample  # EnvoyOptions.fast_path_log_sample: a sampled record's weight
 
         self.acks = Counter("imesh_xds_acks", "Config versions an Envoy fully applied (every type ACKed).",
                             registry=self.registry)
@@ -73,7 +75,7 @@ class Observability:
 
     def add_to_server(self, server) -> None:
         """Serve Envoy's access log stream on the control plane's gRPC server (before it starts)."""
-        self.access_log = add_access_log_server(server, self.records, self.labels)
+        self.access_log = add_access_log_server(server, self.records, self.labels, self.log_sample)
 
     def set_model(self, model: MeshModel) -> None:
         """A new config: the label values every sink resolves against."""

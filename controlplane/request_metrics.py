@@ -6,7 +6,9 @@ short list collapse to their class ("2xx"). When a config change drops endpoints
 are removed, so replica churn (pods coming and going) does not grow the exposition forever.
 
 Per record the cost is one tuple, one dict lookup and a few increments on pre-bound children
-(docs/observability.md has the measured number).
+(docs/observability.md has the measured number). A record with ``weight`` N (a fast-path success
+Envoy logged 1 in N of) counts N requests and is observed N times, so rates, ratios and histogram
+quantiles stay unbiased estimates.
 """
 
 from __future__ import annotations
@@ -124,16 +126,17 @@ class RequestMetrics:
         counter = self._code_children.get(code_key)
         if counter is None:
             counter = self._code_children[code_key] = self.requests.labels(*code_key)
-        counter.inc()
+        weight = record.weight
+        counter.inc(weight)
         errors, duration = children
         if record.error:
-            errors.inc()
-        duration.observe(record.duration_s)
+            errors.inc(weight)
+        _observe(duration, record.duration_s, weight)
         model, version, pool, _, priority = key
         if record.shed:
-            self.shed.labels(model, priority).inc()
+            self.shed.labels(model, priority).inc(weight)
         elif record.rate_limited:
-            self.rate_limited.labels(model, priority).inc()
+            self.rate_limited.labels(model, priority).inc(weight)
         streamed_ttft = record.streamed and record.ttft_s is not None
         rate = record.output_tokens_per_s
         if streamed_ttft or rate is not None:
@@ -144,9 +147,15 @@ class RequestMetrics:
                     self.ttft.labels(*token_key), self.token_rate.labels(*token_key)
                 )
             if streamed_ttft:
-                token_children[0].observe(record.ttft_s)
+                _observe(token_children[0], record.ttft_s, weight)
             if rate is not None:
-                token_children[1].observe(rate)
+                _observe(token_children[1], rate, weight)
+
+
+def _observe(histogram, value: float, weight: int) -> None:
+    # prometheus_client has no weighted observe; N calls for a record that stands for N requests.
+    for _ in range(weight):
+        histogram.observe(value)
 
 
 def _remove(metric, key: tuple) -> None:

@@ -1,8 +1,10 @@
 """One finished request as the mesh saw it: the unit the telemetry and the canary gates consume.
 
-Records come from Envoy's gRPC access log stream (every request, after it ends), so they carry
+Records come from Envoy's gRPC access log stream (each request, after it ends), so they carry
 what only the data path knows: the version Envoy's canary split chose, the replica that served,
-status and timings. Consumers register as sinks; none of them sees Envoy's protos.
+status and timings. Consumers register as sinks; none of them sees Envoy's protos. A record may
+stand for several requests (``weight``: Envoy samples the fast path's successes), so a sink counts
+``weight`` requests and takes percentiles with ``weighted_percentile``.
 
 Register a sink on the running control plane with ``control_plane.request_records.add_sink(fn)``;
 ``fn(record)`` is called on the control plane's event loop for every record, in arrival order, so it
@@ -13,7 +15,8 @@ and skipped for that record; it stays registered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 log = logging.getLogger("imesh.records")
@@ -40,6 +43,7 @@ class RequestRecord:
     details: str = ""     # Envoy's response code details, e.g. "via_upstream", "imesh_overloaded"
     request_id: str = ""  # x-request-id, to find the line in Envoy's JSON access log
     node: str = ""        # the Envoy that served it
+    weight: int = 1       # requests it stands for: N for a fast-path success Envoy logged 1 in N of
 
     @property
     def error(self) -> bool:
@@ -57,6 +61,21 @@ class RequestRecord:
 
 
 RecordSink = Callable[[RequestRecord], None]
+
+
+def weighted_percentile(samples: Iterable[tuple[float, int]], q: float) -> float:
+    """Nearest-rank ``q`` quantile of (value, weight) samples, each standing for ``weight`` requests:
+    no interpolation past the largest value. 0 for no samples."""
+    ordered = sorted(samples)
+    if not ordered:
+        return 0.0
+    rank = max(1, math.ceil(sum(w for _, w in ordered) * q))
+    seen = 0
+    for value, weight in ordered:
+        seen += weight
+        if seen >= rank:
+            return value
+    return ordered[-1][0]
 
 
 class RequestRecords:

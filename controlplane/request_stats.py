@@ -1,8 +1,8 @@
 """Recent request traffic per endpoint, per model version and per model, for `imesh status` / `top`.
 
-A RecordSink. Counts are exact over the window (per-second buckets); latency percentiles come from
-the window's most recent requests (at most ``max_samples`` per key), so memory stays bounded at
-any request rate. Shed requests count as requests and as shed, but not in the latency samples:
+A RecordSink. Counts are exact over the window (per-second buckets) for what Envoy logged, and
+weighted estimates for the fast path's sampled successes; latency percentiles come from the window's
+most recent records (at most ``max_samples`` per key), so memory stays bounded at any request rate. Shed requests count as requests and as shed, but not in the latency samples:
 a 429 answered in microseconds would hide the latency of the requests that were served.
 
 Only spec'd endpoints and versions get rows (the same bound as the metrics' labels).
@@ -15,16 +15,8 @@ from collections import deque
 from collections.abc import Callable
 
 from controlplane.access_log import MeshLabels
-from controlplane.request_record import RequestRecord
+from controlplane.request_record import RequestRecord, weighted_percentile
 from protos import mesh_pb2
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, -(-len(sorted_values) * q // 1))  # ceil(n*q), at least 1
-    return sorted_values[int(rank) - 1]
 
 
 class _Window:
@@ -32,8 +24,8 @@ class _Window:
 
     def __init__(self, max_samples: int):
         self.seconds: deque[list] = deque()  # [second, requests, errors, shed]
-        self.samples: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (time, duration)
-        self.ttfts: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self.samples: deque[tuple[float, float, int]] = deque(maxlen=max_samples)  # (time, duration, weight)
+        self.ttfts: deque[tuple[float, float, int]] = deque(maxlen=max_samples)
 
     def add(self, now: float, record: RequestRecord) -> None:
         second = int(now)
@@ -43,13 +35,14 @@ class _Window:
         else:
             bucket = [second, 0, 0, 0]
             seconds.append(bucket)
-        bucket[1] += 1
-        bucket[2] += record.error
-        bucket[3] += record.shed
+        weight = record.weight
+        bucket[1] += weight
+        bucket[2] += record.error * weight
+        bucket[3] += record.shed * weight
         if not record.shed:
-            self.samples.append((now, record.duration_s))
+            self.samples.append((now, record.duration_s, weight))
             if record.streamed and record.ttft_s is not None:
-                self.ttfts.append((now, record.ttft_s))
+                self.ttfts.append((now, record.ttft_s, weight))
 
     def prune(self, now: float, window_s: float) -> None:
         oldest = now - window_s
@@ -61,16 +54,16 @@ class _Window:
 
     def stats(self, window_s: float, **key: str) -> mesh_pb2.TrafficStats:
         requests = sum(b[1] for b in self.seconds)
-        durations = sorted(d for _, d in self.samples)
-        ttfts = sorted(t for _, t in self.ttfts)
+        durations = [(d, w) for _, d, w in self.samples]
+        ttfts = [(t, w) for _, t, w in self.ttfts]
         return mesh_pb2.TrafficStats(
             requests=requests,
             errors=sum(b[2] for b in self.seconds),
             shed=sum(b[3] for b in self.seconds),
             rate_rps=requests / window_s,
-            p50_s=percentile(durations, 0.5),
-            p99_s=percentile(durations, 0.99),
-            ttft_p50_s=percentile(ttfts, 0.5),
+            p50_s=weighted_percentile(durations, 0.5),
+            p99_s=weighted_percentile(durations, 0.99),
+            ttft_p50_s=weighted_percentile(ttfts, 0.5),
             **key,
         )
 

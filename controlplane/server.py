@@ -60,7 +60,8 @@ class ControlPlane:
         self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)
         # Access-log records, /metrics and status traffic (docs/observability.md).
         self.observability = Observability(self.cache, self.load_monitor, lambda: self.config_version,
-                                           stats_window_s=config.stats_window_s)
+                                           stats_window_s=config.stats_window_s,
+                                           log_sample=config.envoy.fast_path_log_sample)
         self.request_records = self.observability.records  # add_sink(fn) to receive every RequestRecord
         self._rebuild_requested = asyncio.Event()
         self._rebuilt = asyncio.Condition()

@@ -8,6 +8,10 @@ these with its ``EnvoyOptions``. Pure functions, no I/O.
   Envoy batches entries and flushes every ``access_log_flush_s``.
 - File access log in JSON, one line per request (``access_log_path``, default stdout), for people
   and log shippers: request id, model, version, endpoint, priority, status, durations.
+- Both logs share one filter (``log_filter``): every failure and every request the picker routed is
+  logged, but only 1 in ``fast_path_log_sample`` of the successes Envoy routed on its own (the fast
+  path). Logging costs Envoy about as much as the fast path's routing does (docs/benchmarks.md); the
+  control plane weighs each sampled record as that many requests (controlplane/access_log.py).
 - Tracing through Envoy's own OpenTelemetry tracer when ``tracing_collector`` names an OTLP/gRPC
   collector: Envoy continues an incoming ``traceparent`` (or starts a trace) and propagates it
   upstream, so a replica's spans join the client's trace.
@@ -19,7 +23,7 @@ import ipaddress
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.core.v3 import substitution_format_string_pb2 as sfs_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
@@ -27,6 +31,7 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
@@ -34,6 +39,11 @@ ALS_CLUSTER = "imesh_xds"  # the control plane's gRPC port (envoy/bootstrap.yaml
 ALS_LOG_NAME = "imesh"
 OTEL_CLUSTER = "imesh_otel"
 TELEMETRY_METADATA_NAMESPACE = "imesh"  # the ext_proc's notes for the access log (model, output_tokens)
+# Where the picker writes its pick (dynamic metadata; override_host reads it): a request carrying it is always logged.
+PICK_METADATA_NAMESPACE = "envoy.lb"
+PICK_METADATA_KEY = "x-imesh-endpoint"
+LOGGED_STATUS = 400  # a response at or above this status is always logged
+FAST_PATH_SAMPLE_RUNTIME_KEY = "imesh.access_log.fast_path_sample"
 
 # Request/response headers the ALS entry carries beyond its fixed fields (controlplane/access_log.py reads them).
 # Not x-imesh-model: the route removes it from the request before the log is written; the upstream
@@ -80,9 +90,48 @@ def _seconds(value: float) -> duration_pb2.Duration:
     return duration
 
 
+def log_filter(options) -> accesslog_pb2.AccessLogFilter | None:
+    """Log a request if the picker routed it, it failed (status >= 400 or any response flag), or it is
+    the 1 in ``fast_path_log_sample`` of the rest; None (log all) when that is 1.
+
+    controlplane/access_log.py ``sample_weight`` applies the same test to give each record its weight:
+    keep the two in step."""
+    one_in = options.fast_path_log_sample
+    if one_in <= 1:
+        return None
+    picked = accesslog_pb2.MetadataFilter(
+        matcher=metadata_pb2.MetadataMatcher(
+            filter=PICK_METADATA_NAMESPACE,
+            path=[metadata_pb2.MetadataMatcher.PathSegment(key=PICK_METADATA_KEY)],
+            value=value_pb2.ValueMatcher(present_match=True),
+        ),
+        match_if_key_not_found=wrappers_pb2.BoolValue(value=False),
+    )
+    failed = accesslog_pb2.StatusCodeFilter(
+        comparison=accesslog_pb2.ComparisonFilter(
+            op=accesslog_pb2.ComparisonFilter.GE,
+            value=base_pb2.RuntimeUInt32(default_value=LOGGED_STATUS, runtime_key="imesh.access_log.status"),
+        )
+    )
+    sampled = accesslog_pb2.RuntimeFilter(
+        runtime_key=FAST_PATH_SAMPLE_RUNTIME_KEY,
+        percent_sampled=percent_pb2.FractionalPercent(
+            numerator=1_000_000 // one_in, denominator=percent_pb2.FractionalPercent.MILLION
+        ),
+        use_independent_randomness=True,  # not x-request-id's hash: the same request id must not bias the sample
+    )
+    return accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=[
+        accesslog_pb2.AccessLogFilter(metadata_filter=picked),  # first: true at once on picker routes
+        accesslog_pb2.AccessLogFilter(status_code_filter=failed),
+        accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter()),  # any flag
+        accesslog_pb2.AccessLogFilter(runtime_filter=sampled),
+    ]))
+
+
 def access_logs(options) -> list[accesslog_pb2.AccessLog]:
     """The HCM's access loggers for `options` (translate_envoy.EnvoyOptions)."""
     logs = []
+    log_filter_ = log_filter(options)
     if options.grpc_access_log:
         grpc_log = als_pb2.HttpGrpcAccessLogConfig(
             common_config=als_pb2.CommonGrpcAccessLogConfig(
@@ -96,7 +145,9 @@ def access_logs(options) -> list[accesslog_pb2.AccessLog]:
             additional_request_headers_to_log=list(ALS_REQUEST_HEADERS),
             additional_response_headers_to_log=list(ALS_RESPONSE_HEADERS),
         )
-        logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(grpc_log)))
+        logs.append(accesslog_pb2.AccessLog(
+            name="envoy.access_loggers.http_grpc", filter=log_filter_, typed_config=_any(grpc_log)
+        ))
     if options.access_log_path:
         fmt = struct_pb2.Struct()
         fmt.update(JSON_LOG_FORMAT)
@@ -104,7 +155,7 @@ def access_logs(options) -> list[accesslog_pb2.AccessLog]:
             path=options.access_log_path,
             log_format=sfs_pb2.SubstitutionFormatString(json_format=fmt),
         )
-        logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=_any(file_log)))
+        logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.file", filter=log_filter_, typed_config=_any(file_log)))
     return logs
 
 

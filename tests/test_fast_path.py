@@ -10,11 +10,13 @@ import re
 import time
 
 import httpx
+import yaml
 
 from controlplane.fast_path import MIN_WEIGHT, LoadWeights, endpoint_weight
 from controlplane.spec import ScoringSpec, parse_spec
 from protos import mesh_pb2
 from tests.harness import Replica, chat, make_mesh, send_many
+from tests.test_observability import scrape
 
 
 def _stat(admin_url: str, name: str) -> int:
@@ -162,3 +164,69 @@ def test_translation_disables_the_extproc_on_fast_routes_and_sets_weights():
     plain.listeners["imesh_http"].filter_chains[0].filters[0].typed_config.Unpack(manager)
     assert [f.disabled for f in manager.http_filters if f.name == EXTPROC_FILTER] == [False]
     assert not plain.routes["imesh_routes"].typed_per_filter_config
+
+
+# ---------------------------------------------------------------- telemetry on the fast path
+
+
+def test_fast_path_logs_every_failure_and_one_in_n_successes(tmp_path):
+    """Envoy logs 1 in 10 fast-path successes, each counted as 10 requests; every failure and every
+    picker-routed request is logged and counted exactly (translate_telemetry.log_filter)."""
+    replicas = [Replica("fast-a", "chat", "v1"), Replica("fast-b", "chat", "v1"), Replica("pick-c", "code", "v1")]
+    test_mesh = make_mesh(tmp_path, replicas, time_scale=0.01, defaults={"routing_mode": "fast"})
+    spec = dict(test_mesh.spec)
+    spec["models"] = [{**m, "routing_mode": "picker"} if m["name"] == "code" else m for m in spec["models"]]
+    test_mesh.mesh.spec.write_text(yaml.safe_dump(spec, sort_keys=False))
+    test_mesh.mesh.controlplane_args = ("--fast-path-log-sample", "10", "--access-log-flush", "0.1")
+    mesh = test_mesh.mesh
+    fast = {"x-model-id": "chat"}
+    with mesh:
+        mesh.wait_for_completion("chat")
+        mesh.wait_for_completion("code")
+        time.sleep(0.5)  # those two requests' log entries arrive first
+        before = scrape(mesh.ports.control_plane_metrics)
+
+        ok = send_many(mesh.url, 600, lambda c, i: c.post("/v1/chat/completions", json=chat("chat"), headers=fast))
+        assert all(r.status_code == 200 for r in ok)
+        picked = send_many(mesh.url, 30, lambda c, i: c.post("/v1/chat/completions", json=chat("code")))
+        assert all(r.status_code == 200 for r in picked)
+        test_mesh.set_faults("fast-b", error_rate=1.0)
+        mixed = send_many(mesh.url, 60, lambda c, i: c.post("/v1/chat/completions", json=chat("chat"), headers=fast))
+        failed = sum(r.status_code >= 500 for r in mixed)
+        assert 0 < failed < 60 and all(r.status_code in (200, 500) for r in mixed), collections.Counter(
+            r.status_code for r in mixed)
+
+        def delta(samples, name, **labels):
+            return _sum(samples, name, **labels) - _sum(before, name, **labels)
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            after = scrape(mesh.ports.control_plane_metrics)
+            if (delta(after, "imesh_requests_total", model="code") >= 30
+                    and delta(after, "imesh_request_errors_total", model="chat") >= failed):
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # the sampled successes' last flush
+        after = scrape(mesh.ports.control_plane_metrics)
+
+        # Exact: every failure and every picked request.
+        assert delta(after, "imesh_request_errors_total", model="chat") == failed
+        assert delta(after, "imesh_requests_total", model="chat", code="500") == failed
+        assert delta(after, "imesh_requests_total", model="code", code="200") == 30
+        # Sampled: each logged success stands for 10; the estimate is within 4.5 sigma of the truth
+        # (records ~ Binomial(n, 0.1), sigma of the estimate = 10 * sqrt(n * 0.1 * 0.9)).
+        successes = 600 + (60 - failed)
+        estimate = delta(after, "imesh_requests_total", model="chat", code="200")
+        assert estimate % 10 == 0, estimate
+        sigma = 10 * (successes * 0.1 * 0.9) ** 0.5
+        assert abs(estimate - successes) <= 4.5 * sigma, (estimate, successes)
+        entries = delta(after, "imesh_access_log_entries_total")
+        assert entries <= 30 + failed + successes * 0.1 + 4.5 * sigma / 10, entries  # far fewer than requests
+        # The latency histogram counts what the counter does.
+        assert delta(after, "imesh_request_duration_seconds_count", model="chat") == estimate + failed
+
+
+def _sum(samples: dict, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)

@@ -10,12 +10,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.access_log import MeshLabels, to_record
+from controlplane.canary import VersionWindows
+from controlplane.translate_envoy import EnvoyOptions
+from controlplane.translate_telemetry import access_logs
 from controlplane.load_monitor import LoadMonitor
 from controlplane.mesh_model import build_mesh_model
 from controlplane.observability import Observability
 from controlplane.request_metrics import RequestMetrics, code_label
-from controlplane.request_record import RequestRecord, RequestRecords
-from controlplane.request_stats import RequestStats, percentile
+from controlplane.request_record import RequestRecord, RequestRecords, weighted_percentile
+from controlplane.request_stats import RequestStats
 from controlplane.snapshot import CLUSTER
 from controlplane.spec import parse_spec
 from controlplane.xds_cache import SnapshotCache
@@ -92,6 +95,61 @@ def test_a_shed_entry_keeps_the_model_the_ext_proc_named():
     assert to_record(entry, labels()).model == "other"
 
 
+def test_a_sampled_fast_path_success_stands_for_n_requests_and_the_rest_for_one():
+    def entry(status: int, picked: bool = False, flag: bool = False) -> accesslog_pb2.HTTPAccessLogEntry:
+        e = accesslog_pb2.HTTPAccessLogEntry()
+        e.common_properties.upstream_cluster = "chat/v1"
+        e.response.response_code.value = status
+        if picked:
+            e.common_properties.metadata.filter_metadata["envoy.lb"].update({"x-imesh-endpoint": "10.0.0.1:8000"})
+        if flag:
+            e.common_properties.response_flags.upstream_remote_reset = True
+        return e
+
+    assert to_record(entry(200), labels(), one_in=10).weight == 10  # only 1 in 10 of these reach the log
+    assert to_record(entry(200, picked=True), labels(), one_in=10).weight == 1
+    assert to_record(entry(503), labels(), one_in=10).weight == 1
+    assert to_record(entry(404), labels(), one_in=10).weight == 1
+    assert to_record(entry(200, flag=True), labels(), one_in=10).weight == 1
+    assert to_record(entry(200), labels(), one_in=1).weight == 1
+
+
+def test_envoy_logs_filter_matches_the_weights():
+    """Both access logs carry one filter: the pick, a failure or a flag logs; else 1 in N (MILLION scale)."""
+    logs = access_logs(EnvoyOptions(fast_path_log_sample=10))
+    assert [log.name for log in logs] == ["envoy.access_loggers.http_grpc", "envoy.access_loggers.file"]
+    assert len({log.filter.SerializeToString() for log in logs}) == 1  # the same filter on both
+    branches = logs[0].filter.or_filter.filters
+    assert [b.WhichOneof("filter_specifier") for b in branches] == [
+        "metadata_filter", "status_code_filter", "response_flag_filter", "runtime_filter"]
+    assert branches[0].metadata_filter.matcher.filter == "envoy.lb"
+    assert branches[0].metadata_filter.match_if_key_not_found.value is False  # Envoy's default would log all
+    assert branches[1].status_code_filter.comparison.value.default_value == 400
+    assert branches[3].runtime_filter.percent_sampled.numerator == 100_000
+    assert not any(log.HasField("filter") for log in access_logs(EnvoyOptions(fast_path_log_sample=1)))
+
+
+def test_weighted_records_count_as_many_requests_in_every_sink():
+    registry = CollectorRegistry()
+    metrics = RequestMetrics(registry, labels())
+    now = [1000.0]
+    stats = RequestStats(window_s=10, labels=labels(), clock=lambda: now[0])
+    windows = VersionWindows(clock=lambda: now[0])
+    windows.watch(["chat"])
+    for sink in (metrics, stats, windows):
+        sink(record(duration_s=0.1, weight=10))
+        sink(record(status=503, duration_s=2.0))
+    s = samples(registry)
+    known = dict(model="chat", version="v1", pool="fast", endpoint="10.0.0.1:8000", priority="standard")
+    assert s[("imesh_requests_total", frozenset({**known, "code": "200"}.items()))] == 10
+    assert s[("imesh_request_duration_seconds_count", frozenset(known.items()))] == 11
+    assert s[("imesh_request_errors_total", frozenset(known.items()))] == 1
+    (endpoint,) = stats.fill(mesh_pb2.MeshStatus()).endpoint_traffic
+    assert (endpoint.requests, endpoint.errors, endpoint.p50_s, endpoint.p99_s) == (11, 1, 0.1, 2.0)
+    reading = windows.reading("chat", "v1", since=0)
+    assert (reading.samples, reading.errors, reading.p99_s) == (11, 1, 2.0)
+
+
 # ---------------------------------------------------------------- metrics sink
 
 
@@ -130,7 +188,15 @@ def test_request_stats_window_counts_exactly_and_forgets_old_traffic():
     assert (model.requests, model.shed) == (12, 1)  # the shed one counts, but not in the latency samples
     now[0] += 11
     assert not stats.fill(mesh_pb2.MeshStatus()).endpoint_traffic
-    assert percentile([], 0.5) == 0.0 and percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+
+
+def test_weighted_percentile_counts_each_sample_weight_times():
+    assert weighted_percentile([], 0.5) == 0.0
+    assert weighted_percentile([(v, 1) for v in (4.0, 1.0, 3.0, 2.0)], 0.5) == 2.0  # nearest rank, unsorted input
+    # One sample standing for 10 requests outweighs nine single ones.
+    assert weighted_percentile([(0.1, 10)] + [(1.0, 1)] * 9, 0.5) == 0.1
+    assert weighted_percentile([(0.1, 10)] + [(1.0, 1)] * 9, 0.99) == 1.0
+    assert weighted_percentile([(0.1, 1), (5.0, 1)], 1.0) == 5.0
 
 
 # ---------------------------------------------------------------- xDS hooks
