@@ -254,7 +254,7 @@ _CLK = os.sysconf("SC_CLK_TCK")
 
 
 def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the ext_proc's SO_REUSEPORT workers are children)."""
+    """``pid`` and its descendants (the ext_proc's workers are children)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

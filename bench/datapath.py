@@ -204,6 +204,11 @@ class _Bench:
         self.focus("mesh")
         mesh = self.meshes["mesh"]
         mesh.processes["extproc"].stop()
+        workers = 2 if variant == "workers2" else 1
+        if workers != mesh.extproc_workers:  # Envoy's bootstrap lists one ext_proc port per worker
+            mesh.extproc_workers = workers
+            mesh.processes["envoy"].stop()
+            mesh.start_envoy()
         if variant in ("floor", "floor-unary"):
             p = mesh.ports
             argv = [sys.executable, str(Path(__file__).with_name("_extproc_floor.py")), str(p.extproc), "bench",
@@ -213,7 +218,6 @@ class _Bench:
             mesh.processes["extproc"] = process.start()
             process.wait_until(lambda: "ready" in process.log_tail(5), 30)
         else:
-            mesh.extproc_workers = 2 if variant == "workers2" else 1
             mesh.start_extproc()
         self.extproc_variant = variant
         # Envoy reconnects on the next request; warm the new process up before measuring.

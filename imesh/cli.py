@@ -55,8 +55,8 @@ def main() -> None:
 @click.option("--extproc-port", type=int, default=18001, show_default=True)
 @click.option("--control-plane-metrics-port", type=int, default=9090, show_default=True)
 @click.option("--extproc-metrics-port", type=int, default=9091, show_default=True)
-@click.option("--envoy-concurrency", type=int, default=1, show_default=True, help="Envoy worker threads.")
-@click.option("--extproc-workers", type=int, default=1, show_default=True, help="ext_proc processes (one core each).")
+@click.option("--envoy-concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Envoy worker threads.")
+@click.option("--extproc-workers", type=click.IntRange(min=1), default=1, show_default=True, help="ext_proc processes (one core each).")
 def up(demo: bool, spec: Path | None, workdir: Path, listener_port: int, admin_port: int,
        control_plane_port: int, extproc_port: int, control_plane_metrics_port: int, extproc_metrics_port: int,
        envoy_concurrency: int, extproc_workers: int) -> None:

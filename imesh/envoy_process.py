@@ -20,6 +20,18 @@ class EnvoyPorts:
     xds: int = 18000
     extproc: int = 18001
     host: str = "127.0.0.1"
+    extproc_more: tuple[int, ...] = ()  # the other ext_proc workers' ports (python -m extproc --workers N)
+
+    @property
+    def extproc_ports(self) -> tuple[int, ...]:
+        return (self.extproc, *self.extproc_more)
+
+
+def _lb_endpoints(host: str, ports: tuple[int, ...]) -> str:
+    """A flow-style YAML list of endpoints, for a one-line template slot."""
+    return "[" + ", ".join(
+        f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}" for port in ports
+    ) + "]"
 
 
 def envoy_binary() -> str:
@@ -47,8 +59,7 @@ def render_bootstrap(ports: EnvoyPorts, node_id: str = "imesh-envoy", xds_api: s
         ADMIN_PORT=ports.admin,
         XDS_HOST=ports.host,
         XDS_PORT=ports.xds,
-        EXTPROC_HOST=ports.host,
-        EXTPROC_PORT=ports.extproc,
+        EXTPROC_ENDPOINTS=_lb_endpoints(ports.host, ports.extproc_ports),
     )
 
 

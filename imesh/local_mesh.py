@@ -6,6 +6,7 @@ separate processes talking real gRPC and HTTP over loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import socket
@@ -109,6 +110,7 @@ class LocalMesh:
     controlplane_args: tuple[str, ...] = ()  # extra flags, e.g. ("--access-log-flush", "0.1")
     extproc_args: tuple[str, ...] = ()
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    _extproc_ports: tuple[int, ...] = ()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -161,12 +163,21 @@ class LocalMesh:
         process.wait_until(http_ok(f"http://{p.host}:{p.control_plane_metrics}/readyz"), timeout_s)
         return process
 
+    @property
+    def extproc_ports(self) -> tuple[int, ...]:
+        """One gRPC port per ext_proc worker: ``ports.extproc``, then free ones. Envoy's bootstrap
+        lists them all, so a change of ``extproc_workers`` needs an Envoy restart too."""
+        if len(self._extproc_ports) != max(1, self.extproc_workers):
+            more = free_ports(self.extproc_workers - 1) if self.extproc_workers > 1 else []
+            self._extproc_ports = (self.ports.extproc, *more)
+        return self._extproc_ports
+
     def start_extproc(self, timeout_s: float = 30.0) -> ManagedProcess:
         p = self.ports
         argv = python_module(
             "extproc",
             "--host", p.host,
-            "--port", str(p.extproc),
+            "--port", ",".join(map(str, self.extproc_ports)),
             "--metrics-port", str(p.extproc_metrics),
             "--control-plane", f"{p.host}:{p.control_plane}",
             "--workers", str(self.extproc_workers),
@@ -177,9 +188,8 @@ class LocalMesh:
         return process
 
     def start_envoy(self, timeout_s: float = 30.0) -> ManagedProcess:
-        process = envoy_process(
-            self.workdir / "envoy", self.ports.envoy, concurrency=self.envoy_concurrency, xds_api=self.xds_api
-        )
+        ports = dataclasses.replace(self.ports.envoy, extproc_more=self.extproc_ports[1:])
+        process = envoy_process(self.workdir / "envoy", ports, concurrency=self.envoy_concurrency, xds_api=self.xds_api)
         self.processes["envoy"] = process.start()
         process.wait_until(admin_ready(self.ports.envoy), timeout_s)
         process.wait_until(self._listener_serves, timeout_s)
