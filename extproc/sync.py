@@ -17,6 +17,11 @@ from protos import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger("imesh.extproc.sync")
 
+# Retrying a control plane that is down costs a refused connection per try; what a long backoff
+# would cost is routing-table lag after it restarts (it was up to 2 s with a 2 s cap).
+INITIAL_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 0.5
+
 
 class ControlPlaneSync:
     def __init__(self, view: MeshView, target: str, client_id: str):
@@ -38,18 +43,21 @@ class ControlPlaneSync:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _follow(self, what: str, watch) -> None:
-        backoff = 0.1
+        backoff = INITIAL_BACKOFF_S
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 async with grpc.aio.insecure_channel(self._target) as channel:
                     await watch(mesh_pb2_grpc.MeshStateStub(channel))
-                backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
                 log.warning("%s stream from %s lost (%s); keeping the last view", what, self._target, exc.code().name)
+            if loop.time() - started > MAX_BACKOFF_S:  # the stream had lived: a fresh outage starts small
+                backoff = INITIAL_BACKOFF_S
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _watch_table(self, stub: mesh_pb2_grpc.MeshStateStub) -> None:
         async for table in stub.WatchRoutingTable(self._request):

@@ -6,6 +6,7 @@ Each test gets its own mesh (they stop and restart processes). Real Envoy, real 
 from __future__ import annotations
 
 import collections
+import re
 import threading
 import time
 
@@ -130,8 +131,19 @@ def test_envoy_serves_while_control_plane_is_down_and_resyncs_after(tmp_path):
             while not any(n.connected for n in client.status().nodes):
                 assert time.monotonic() < deadline, "Envoy did not reconnect"
                 time.sleep(0.1)
-            client.apply(path.read_text(), str(path))
+            applied = client.apply(path.read_text(), str(path)).config_version
         assert versions_served(mesh.url) == {"v2": 40}
+        # The ext_proc found the restarted control plane too: it runs on the new routing table.
+        deadline = time.monotonic() + 5
+        while _extproc_table_version(mesh) < applied:
+            assert time.monotonic() < deadline, "the ext_proc did not follow the restarted control plane"
+            time.sleep(0.05)
+
+
+def _extproc_table_version(mesh) -> int:
+    text = httpx.get(f"http://127.0.0.1:{mesh.mesh.ports.extproc_metrics}/metrics", timeout=5).text
+    match = re.search(r"^imesh_extproc_routing_table_version (\S+)$", text, re.M)
+    return int(float(match.group(1))) if match else 0
 
 
 def test_control_plane_restart_keeps_changes_and_versions_never_go_back(tmp_path):
