@@ -13,13 +13,18 @@ multiprocess mode) and /readyz.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import tempfile
+import time
 
 from extproc.worker import run_worker
 
+log = logging.getLogger("imesh.extproc")
+RESTART_INTERVAL_S = 1.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
@@ -61,13 +66,40 @@ def main() -> None:
         # Set before the workers start, and "spawn" rather than fork: prometheus_client chooses
         # multiprocess values when it is first imported, which this process has done already.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        spawn = multiprocessing.get_context("spawn")
-        children = [spawn.Process(target=run_worker, args=(args, i)) for i in range(args.workers)]
+        _supervise(args, multiprocessing.get_context("spawn"))
+
+
+def _supervise(args: argparse.Namespace, spawn) -> None:
+    """Run the workers until SIGTERM; restart one that dies (Envoy's streams to its port fail open
+    to Envoy's own balancing meanwhile), at most once a second each, so a crash loop cannot spin."""
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[supervisor]: %(message)s")
+    stopping = False
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
-            child.start()
-        signal.signal(signal.SIGTERM, lambda *_: [c.terminate() for c in children])
-        for child in children:
-            child.join()
+            if child.is_alive():
+                child.terminate()
+
+    children = [spawn.Process(target=run_worker, args=(args, i)) for i in range(args.workers)]
+    started = [time.monotonic()] * args.workers
+    for child in children:
+        child.start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        alive = [c.sentinel for c in children if c.is_alive()]
+        multiprocessing.connection.wait(alive, timeout=1.0 if len(alive) == len(children) else 0.1)
+        for i, child in enumerate(children):
+            if stopping or child.is_alive() or time.monotonic() - started[i] < RESTART_INTERVAL_S:
+                continue
+            log.warning("ext_proc worker %d (pid %s) exited with %s; restarting it", i, child.pid, child.exitcode)
+            children[i] = spawn.Process(target=run_worker, args=(args, i))
+            started[i] = time.monotonic()
+            children[i].start()
+    for child in children:
+        child.join()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from extproc.telemetry import ExtprocMetrics
 from telemetry.http_server import start_http_server
 
 log = logging.getLogger("imesh.extproc")
+FIRST_TABLE_WAIT_S = 10.0
 
 
 def _exposition(workers: int) -> CollectorRegistry:
@@ -37,6 +38,17 @@ def _exposition(workers: int) -> CollectorRegistry:
     return registry
 
 
+async def _first_table(sync: ControlPlaneSync, control_plane: str) -> None:
+    """Listen only once there is a routing table: until then Envoy's health check keeps this worker
+    out of its balancing, and a sibling (or Envoy's own routes) serves. A control plane that stays
+    down does not keep the worker out for ever: after FIRST_TABLE_WAIT_S it passes requests through."""
+    try:
+        await asyncio.wait_for(sync.table_received.wait(), FIRST_TABLE_WAIT_S)
+    except asyncio.TimeoutError:
+        log.warning("no routing table from %s after %.0f s: serving without one (requests pass through)",
+                    control_plane, FIRST_TABLE_WAIT_S)
+
+
 async def serve(args: argparse.Namespace, worker: int) -> None:
     view = MeshView()
     sync = ControlPlaneSync(view, args.control_plane, client_id=f"extproc-{os.getpid()}")
@@ -46,13 +58,14 @@ async def serve(args: argparse.Namespace, worker: int) -> None:
     processor = ExternalProcessor(view, metrics=metrics, token_sample_rate=args.token_sample_rate)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     port = args.port[worker]
-    server.add_insecure_port(f"{args.host}:{port}")
-    await server.start()
     http = None
     if worker == 0:
         exposition = _exposition(args.workers)
         metrics.watch(view, exposition)  # worker 0's view of the mesh stands for all
         http = await start_http_server(args.host, args.metrics_port, lambda: view.ready, exposition)
+    await _first_table(sync, args.control_plane)
+    server.add_insecure_port(f"{args.host}:{port}")
+    await server.start()
     log.info("ext_proc worker %d serving on %s:%d", worker, args.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
