@@ -125,6 +125,7 @@ def _static_variants(workdir: Path) -> tuple[list, list[_Variant], list[_Variant
     meshes = {}
     for name, cp_args, ext_args in (
         ("none", quiet, ("--token-sample-rate", "0")),
+        ("als-all", ("--access-log-path", "", "--fast-path-log-sample", "1"), ("--token-sample-rate", "0")),
         ("als", ("--access-log-path", ""), ("--token-sample-rate", "0")),
         ("als+file", (), ("--token-sample-rate", "0")),
         ("tokens", (), ("--token-sample-rate", "1")),
@@ -133,8 +134,9 @@ def _static_variants(workdir: Path) -> tuple[list, list[_Variant], list[_Variant
                                  controlplane_args=cp_args, extproc_args=ext_args)
     logging = [
         _Variant("fast path, no access logs", meshes["none"], fast),
-        _Variant("fast path, gRPC access log", meshes["als"], fast),
-        _Variant("fast path, gRPC + JSON file access logs (default)", meshes["als+file"], fast),
+        _Variant("fast path, gRPC access log, every request", meshes["als-all"], fast),
+        _Variant("fast path, gRPC access log, 1 in 10 successes", meshes["als"], fast),
+        _Variant("fast path, gRPC + JSON file access logs, 1 in 10 (default)", meshes["als+file"], fast),
     ]
     tokens = [
         _Variant("picker, token sample rate 0", meshes["als+file"], picker),
@@ -250,8 +252,11 @@ def _report(logging: list[_Variant], tokens: list[_Variant], stream: list[_Varia
            f"CPU per request: user+system time of each process over a {SATURATION}-connection run, minus its "
            "idle rate (load scrapes), over the requests served.", ""]
     out += _table("Access logs, fast path (no ext_proc: Envoy and the static upstream only):", logging)
-    none, als, both = logging
-    out += [f"- gRPC access log: {_delta(none, als)};", f"- JSON file log on top: {_delta(als, both)}.", ""]
+    none, every, sampled, both = logging
+    out += [f"- gRPC access log, every request: {_delta(none, every)};",
+            f"- gRPC access log, 1 in 10 fast-path successes (`--fast-path-log-sample`, default 10): "
+            f"{_delta(none, sampled)};",
+            f"- JSON file log on top (same filter): {_delta(sampled, both)}.", ""]
     out += _table("Output-token counting, picker path, unstreamed JSON responses (one extra ext_proc round):", tokens)
     out += [f"- counting every response: {_delta(*tokens)}.", ""]
     out += _table(f"Output-token counting, simulated fleet, streamed completions of {STREAM_TOKENS} tokens "
