@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 
 import grpc
 import uvloop
@@ -38,6 +39,16 @@ def _exposition(workers: int) -> CollectorRegistry:
     return registry
 
 
+def _listening(address: tuple[str, int]) -> bool:
+    """Whether another worker has opened its gRPC port (it does once it holds a routing table):
+    worker 0's /readyz speaks for all of them."""
+    try:
+        socket.create_connection(address, timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
 async def _first_table(sync: ControlPlaneSync, control_plane: str) -> None:
     """Listen only once there is a routing table: until then Envoy's health check keeps this worker
     out of its balancing, and a sibling (or Envoy's own routes) serves. A control plane that stays
@@ -62,7 +73,10 @@ async def serve(args: argparse.Namespace, worker: int) -> None:
     if worker == 0:
         exposition = _exposition(args.workers)
         metrics.watch(view, exposition)  # worker 0's view of the mesh stands for all
-        http = await start_http_server(args.host, args.metrics_port, lambda: view.ready, exposition)
+        others = [(args.host, other) for other in args.port[1:]]
+        http = await start_http_server(
+            args.host, args.metrics_port, lambda: view.ready and all(map(_listening, others)), exposition
+        )
     await _first_table(sync, args.control_plane)
     server.add_insecure_port(f"{args.host}:{port}")
     await server.start()

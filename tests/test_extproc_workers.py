@@ -40,6 +40,10 @@ def test_two_extproc_workers_share_the_streams_and_one_endpoint_counts_both(tmp_
         mesh.wait_for_completion("chat")
         ports = mesh.extproc_ports
         assert len(ports) == 2 and len(set(ports)) == 2
+        # The mesh was ready only once both workers listened; Envoy's health check admits each
+        # within an interval (0.5 s) of that.
+        _wait(lambda: all(_health(mesh.admin_url, port) == "healthy" for port in ports),
+              "Envoy did not admit both ext_proc workers")
         before_streams = _extproc_requests_by_port(mesh.admin_url)
         before_picks = _picks(mesh.ports.extproc_metrics)
         with httpx.Client(base_url=mesh.url, timeout=10) as client:
@@ -63,6 +67,7 @@ def test_a_dead_extproc_worker_leaves_envoys_balancing_and_is_restarted(tmp_path
         workers = _children(supervisor)
         assert len(workers) == 2, workers
         dead_port = mesh.extproc_ports[1]
+        _wait(lambda: _health(mesh.admin_url, dead_port) == "healthy", "Envoy did not admit worker 1")
         os.kill(workers[1], signal.SIGKILL)
         with httpx.Client(base_url=mesh.url, timeout=10) as client:
             # Envoy takes the dead worker out: at its first refused connection (outlier detection) or
