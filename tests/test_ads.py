@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,27 +124,36 @@ def snapshot(mesh_ports: tuple[int, int], body: str = "one", extra_clusters: tup
     )
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+@asynccontextmanager
+async def envoy_on_ads(
+    tmp_path: Path, first: Callable[[int], Snapshot], upstream_port: int, xds_api: str, mesh_type: type[Mesh] = Mesh
+) -> AsyncIterator[Mesh]:
+    """A real Envoy on a fresh ADS server, synced to ``first(listener_port)``; both fixtures use it."""
     cache = SnapshotCache()
     server, servicer, xds_port = await start_xds(cache)
     ports = EnvoyPorts(admin=free_port(), xds=xds_port, extproc=free_port())
-    node_id = f"test-{uuid.uuid4().hex[:8]}"
+    node_id = f"{xds_api}-{uuid.uuid4().hex[:8]}"
     listener_port = free_port()
-    with upstream() as upstream_port:
-        # Published before Envoy starts: Envoy is only /ready once its first CDS and LDS arrived.
-        await cache.publish(snapshot((listener_port, upstream_port)))
-        envoy = envoy_process(tmp_path, ports, node_id=node_id, xds_api="sotw").start()  # delta: test_ads_delta.py
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            m = Mesh(cache, server, servicer, ports, envoy, node_id, listener_port, upstream_port, http)
-            try:
-                # wait_until sleeps: keep it off the event loop that serves ADS.
-                await asyncio.to_thread(envoy.wait_until, admin_ready(ports), 20.0)
-                await eventually(lambda: m.synced("1"), what="first snapshot ACKed")
-                yield m
-            finally:
-                envoy.stop()
-                await m.server.stop(0)
+    # Published before Envoy starts: Envoy is only /ready once its first CDS and LDS arrived.
+    await cache.publish(first(listener_port))
+    envoy = envoy_process(tmp_path, ports, node_id=node_id, xds_api=xds_api).start()
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        m = mesh_type(cache, server, servicer, ports, envoy, node_id, listener_port, upstream_port, http)
+        try:
+            # wait_until sleeps: keep it off the event loop that serves ADS.
+            await asyncio.to_thread(envoy.wait_until, admin_ready(ports), 20.0)
+            await eventually(lambda: m.synced("1"), what="first snapshot ACKed")
+            yield m
+        finally:
+            envoy.stop()
+            await m.server.stop(0)
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    with upstream() as upstream_port:  # delta: test_ads_delta.py
+        async with envoy_on_ads(tmp_path, lambda port: snapshot((port, upstream_port)), upstream_port, "sotw") as m:
+            yield m
 
 
 # ---------------------------------------------------------------- Envoy end to end

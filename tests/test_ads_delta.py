@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import ads
 from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from controlplane.xds_cache import SnapshotCache
-from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
-from tests.test_ads import Mesh, eventually, start_xds
+from tests.test_ads import Mesh, envoy_on_ads, eventually, start_xds
 from tests.xds_fixtures import (
     FakeEnvoyBase,
     direct,
     eds_cluster,
-    free_port,
     listener,
     load_assignment,
     route_config,
@@ -65,24 +61,13 @@ class DeltaMesh(Mesh):
 
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[DeltaMesh]:
-    cache = SnapshotCache()
-    server, servicer, xds_port = await start_xds(cache)
-    ports = EnvoyPorts(admin=free_port(), xds=xds_port, extproc=free_port())
-    node_id = f"delta-{uuid.uuid4().hex[:8]}"
-    listener_port = free_port()
     with upstream() as up, upstream(b"from upstream two") as up2:
-        await cache.publish(build({"a": up, "b": up, "c": up}, listener_port))
-        envoy = envoy_process(tmp_path, ports, node_id=node_id, xds_api="delta").start()
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            m = DeltaMesh(cache, server, servicer, ports, envoy, node_id, listener_port, up, http)
+        def first(listener_port: int) -> Snapshot:
+            return build({"a": up, "b": up, "c": up}, listener_port)
+
+        async with envoy_on_ads(tmp_path, first, up, "delta", DeltaMesh) as m:
             m.up2 = up2
-            try:
-                await asyncio.to_thread(envoy.wait_until, admin_ready(ports), 20.0)
-                await eventually(lambda: m.synced("1"), what="first snapshot ACKed")
-                yield m
-            finally:
-                envoy.stop()
-                await m.server.stop(0)
+            yield m
 
 
 # ---------------------------------------------------------------- Envoy end to end
