@@ -85,7 +85,8 @@ class VersionWindows:
         self._max = max_per_version
         self._clock = clock
         self._watched: frozenset[str] = frozenset()
-        self._windows: dict[tuple[str, str], deque[tuple[float, bool, float, int]]] = {}  # (time, failed, duration, weight)
+        # (model, version) -> (time, failed, duration, weight) of each record
+        self._windows: dict[tuple[str, str], deque[tuple[float, bool, float, int]]] = {}
 
     def watch(self, models: Iterable[str]) -> None:
         """Keep records of these models only (those with an active canary); forget the others."""

@@ -1,9 +1,10 @@
 """Recent request traffic per endpoint, per model version and per model, for `imesh status` / `top`.
 
 A RecordSink. Counts are exact over the window (per-second buckets) for what Envoy logged, and
-weighted estimates for the fast path's sampled successes; latency percentiles come from the window's
-most recent records (at most ``max_samples`` per key), so memory stays bounded at any request rate. Shed requests count as requests and as shed, but not in the latency samples:
-a 429 answered in microseconds would hide the latency of the requests that were served.
+weighted estimates for the fast path's sampled successes; latency percentiles come from the
+window's most recent records (at most ``max_samples`` per key), so memory stays bounded at any
+request rate. Shed requests count as requests and as shed, but not in the latency samples: a 429
+answered in microseconds would hide the latency of the requests that were served.
 
 Only spec'd endpoints and versions get rows (the same bound as the metrics' labels).
 """

@@ -155,7 +155,9 @@ def access_logs(options) -> list[accesslog_pb2.AccessLog]:
             path=options.access_log_path,
             log_format=sfs_pb2.SubstitutionFormatString(json_format=fmt),
         )
-        logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.file", filter=log_filter_, typed_config=_any(file_log)))
+        logs.append(accesslog_pb2.AccessLog(
+            name="envoy.access_loggers.file", filter=log_filter_, typed_config=_any(file_log)
+        ))
     return logs
 
 
