@@ -91,15 +91,14 @@ def _address(address) -> str:
     return f"{host}:{socket.port_value}"
 
 
-def _upstream_failure(flags) -> bool:
-    # ListFields: only the flags that are set (usually none), not a getattr per possible flag.
-    return any(value and field.name in _UPSTREAM_FAILURE_FLAGS for field, value in flags.ListFields())
+def _upstream_failure(set_flags: list) -> bool:
+    return any(value and field.name in _UPSTREAM_FAILURE_FLAGS for field, value in set_flags)
 
 
-def sample_weight(common: accesslog_pb2.AccessLogCommon, status: int, one_in: int) -> int:
+def sample_weight(common: accesslog_pb2.AccessLogCommon, status: int, set_flags: list, one_in: int) -> int:
     """How many requests an entry stands for: ``one_in`` for a success Envoy routed without a pick
     (logged 1 in ``one_in``), 1 for the rest (always logged). The same test as Envoy's log filter."""
-    if one_in <= 1 or status >= LOGGED_STATUS or common.response_flags.ListFields():
+    if one_in <= 1 or status >= LOGGED_STATUS or set_flags:
         return 1
     pick = common.metadata.filter_metadata.get(PICK_METADATA_NAMESPACE)
     return 1 if pick is not None and PICK_METADATA_KEY in pick.fields else one_in
@@ -111,6 +110,8 @@ def to_record(
     """One access log entry as a RequestRecord, labelled by the current mesh model; ``one_in`` is
     Envoy's fast-path log sampling (``EnvoyOptions.fast_path_log_sample``)."""
     common, request, response = entry.common_properties, entry.request, entry.response
+    # ListFields: only the response flags that are set (usually none), not a getattr per possible flag.
+    set_flags = common.response_flags.ListFields()
     meta = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
     meta_fields = meta.fields if meta is not None else {}
     request_headers, response_headers = request.request_headers, response.response_headers
@@ -146,7 +147,7 @@ def to_record(
         status=status,
         duration_s=duration,
         ttft_s=first,
-        upstream_failure=_upstream_failure(common.response_flags),
+        upstream_failure=_upstream_failure(set_flags),
         shed=shed,
         request_bytes=request.request_body_bytes,
         response_bytes=response.response_body_bytes,
@@ -157,7 +158,7 @@ def to_record(
         details=details,
         request_id=request.request_id,
         node=node,
-        weight=sample_weight(common, status, one_in),
+        weight=sample_weight(common, status, set_flags, one_in),
     )
 
 
