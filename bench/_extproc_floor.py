@@ -14,7 +14,6 @@ for a second phase (the body), which is why the mesh's own ext_proc is not writt
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import sys
 

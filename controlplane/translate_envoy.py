@@ -28,7 +28,7 @@ from envoy.config.core.v3 import (
     protocol_pb2,
     substitution_format_string_pb2,
 )
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
