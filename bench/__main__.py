@@ -43,18 +43,24 @@ def discover() -> list:
 
 def _git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return f"{rev}{' + uncommitted changes' if dirty else ''}" if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default="", help="comma-separated module names (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
     parser.add_argument("--out", type=Path, default=OUT, help="where benchmarks.md and the plots go")
@@ -85,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             body = "This benchmark failed in this run:\n\n```\n" + traceback.format_exc()[-3000:] + "```\n"
         took = time.monotonic() - t0
         print(f"bench: {name} done in {took:.0f} s", flush=True)
-        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         sections.append((name, f"## {title}\n\n<sub>`bench/{name}.py`, {when}, {took:.0f} s</sub>\n\n{body.strip()}\n"))
 
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     path = args.out / "benchmarks.md"
     if wanted and path.exists():
         # Keep the sections that did not run this time, in their order.

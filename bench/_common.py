@@ -96,7 +96,15 @@ def lua_script(directory: Path, name: str, body: str, headers: dict[str, str]) -
 
 def wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 1) -> WrkResult:
     argv = [
-        ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s", "-s", str(script), url,
+        ensure_wrk(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(script),
+        url,
     ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
@@ -123,8 +131,14 @@ def _envoy(workdir: Path, name: str, config: str, concurrency: int = 1) -> Manag
     path = workdir / f"{name}.yaml"
     path.write_text(config)
     argv = [
-        envoy_binary(), "-c", str(path), "--concurrency", str(concurrency), "--disable-hot-restart",
-        "--log-level", "warning",
+        envoy_binary(),
+        "-c",
+        str(path),
+        "--concurrency",
+        str(concurrency),
+        "--disable-hot-restart",
+        "--log-level",
+        "warning",
     ]
     return ManagedProcess(name, argv, workdir / f"{name}.log")
 
@@ -173,11 +187,11 @@ static_resources:
 
 
 def start_plain_proxy(workdir: Path, upstreams: list[str]) -> tuple[ManagedProcess, str]:
-    """"Envoy alone": one worker, a router, a round-robin cluster of the same upstreams; no ext_proc."""
+    """ "Envoy alone": one worker, a router, a round-robin cluster of the same upstreams; no ext_proc."""
     admin, port = free_ports(2)
     hosts = "".join(
         f"""
-        - endpoint: {{address: {{socket_address: {{address: {a.rpartition(':')[0]}, port_value: {a.rpartition(':')[2]}}}}}}}"""
+        - endpoint: {{address: {{socket_address: {{address: {a.rpartition(":")[0]}, port_value: {a.rpartition(":")[2]}}}}}}}"""
         for a in upstreams
     )
     config = f"""

@@ -65,8 +65,9 @@ class Observer:
         while not self.stop:
             sent = time.perf_counter()
             try:
-                response = await client.post(f"{self.url}/v1/chat/completions", json=body,
-                                             headers={"x-model-id": MODEL})
+                response = await client.post(
+                    f"{self.url}/v1/chat/completions", json=body, headers={"x-model-id": MODEL}
+                )
                 if response.status_code == 200:
                     self.responses.append((sent, response.headers.get("x-imesh-version", "")))
                 else:
@@ -95,15 +96,27 @@ def _spec_and_fleet(workdir: Path) -> tuple[Path, Path]:
     from imesh.local_mesh import free_ports
 
     ports = free_ports(4)
-    replicas = [("chat-v1-a", "v1", ports[0]), ("chat-v1-b", "v1", ports[1]),
-                ("chat-v2-a", "v2", ports[2]), ("chat-v2-b", "v2", ports[3])]
-    fleet = {"seed": 7, "time_scale": 0.01,
-             "replicas": [{"name": n, "address": f"127.0.0.1:{p}", "models": [MODEL], "gpu": "h100"}
-                          for n, _, p in replicas]}
+    replicas = [
+        ("chat-v1-a", "v1", ports[0]),
+        ("chat-v1-b", "v1", ports[1]),
+        ("chat-v2-a", "v2", ports[2]),
+        ("chat-v2-b", "v2", ports[3]),
+    ]
+    fleet = {
+        "seed": 7,
+        "time_scale": 0.01,
+        "replicas": [
+            {"name": n, "address": f"127.0.0.1:{p}", "models": [MODEL], "gpu": "h100"} for n, _, p in replicas
+        ],
+    }
     pools = [{"name": "fast", "tier": "low-latency", "locality": {"region": "r1", "zone": "a"}}]
     versions = [
-        {"name": v, "weight": 100 if v == "v1" else 0, "context_window": 4096,
-         "endpoints": [{"address": f"127.0.0.1:{p}", "pool": "fast"} for _, vv, p in replicas if vv == v]}
+        {
+            "name": v,
+            "weight": 100 if v == "v1" else 0,
+            "context_window": 4096,
+            "endpoints": [{"address": f"127.0.0.1:{p}", "pool": "fast"} for _, vv, p in replicas if vv == v],
+        }
         for v in ("v1", "v2")
     ]
     spec = {"apiVersion": "imesh/v1", "kind": "Mesh", "pools": pools, "models": [{"name": MODEL, "versions": versions}]}
@@ -144,8 +157,12 @@ async def measure(api: str, changes: int, workdir: Path) -> dict:
     finally:
         await asyncio.to_thread(mesh.stop)
     _attribute(results, observer)
-    return {"api": api, "changes": [c.__dict__ for c in results], "requests": len(observer.responses),
-            "errors": observer.errors}
+    return {
+        "api": api,
+        "changes": [c.__dict__ for c in results],
+        "requests": len(observer.responses),
+        "errors": observer.errors,
+    }
 
 
 def _attribute(results: list[Change], observer: Observer) -> None:
@@ -161,7 +178,7 @@ def _attribute(results: list[Change], observer: Observer) -> None:
         for j, (t, v) in enumerate(window):
             if v == want:
                 change.traffic = t
-                change.stragglers = sum(1 for _, later in window[j + 1:] if later != want)
+                change.stragglers = sum(1 for _, later in window[j + 1 :] if later != want)
                 break
 
 
@@ -235,15 +252,19 @@ def render(out_dir: Path, rounds: dict) -> str:
     ]
     for key in keys:
         d, s = series["delta"][key], series["sotw"][key]
-        lines.append(f"| {key} | {_pct(d, 50) * 1e3:.1f} | {_pct(d, 99) * 1e3:.1f} | "
-                     f"{_pct(s, 50) * 1e3:.1f} | {_pct(s, 99) * 1e3:.1f} |")
+        lines.append(
+            f"| {key} | {_pct(d, 50) * 1e3:.1f} | {_pct(d, 99) * 1e3:.1f} | "
+            f"{_pct(s, 50) * 1e3:.1f} | {_pct(s, 99) * 1e3:.1f} |"
+        )
     for api, r in rounds.items():
         seen = sum(1 for c in r["changes"] if c["admin"] is not None and c["traffic"] is not None)
         stragglers = sum(c["stragglers"] for c in r["changes"])
         lines.append("")
-        lines.append(f"{labels[api]}: {seen} of {len(r['changes'])} changes observed on admin and in traffic; "
-                     f"{r['requests']} requests, {r['errors']} errors, {stragglers} requests served by the old "
-                     f"version after the new one was first seen.")
+        lines.append(
+            f"{labels[api]}: {seen} of {len(r['changes'])} changes observed on admin and in traffic; "
+            f"{r['requests']} requests, {r['errors']} errors, {stragglers} requests served by the old "
+            f"version after the new one was first seen."
+        )
     lines += [
         "",
         "The call itself returns once every connected Envoy has ACKed the new config version "

@@ -211,8 +211,14 @@ class _Bench:
             mesh.start_envoy()
         if variant in ("floor", "floor-unary"):
             p = mesh.ports
-            argv = [sys.executable, str(Path(__file__).with_name("_extproc_floor.py")), str(p.extproc), "bench",
-                    ",".join(self.picker_addresses), "unary" if variant == "floor-unary" else "bidi"]
+            argv = [
+                sys.executable,
+                str(Path(__file__).with_name("_extproc_floor.py")),
+                str(p.extproc),
+                "bench",
+                ",".join(self.picker_addresses),
+                "unary" if variant == "floor-unary" else "bidi",
+            ]
             log = mesh.workdir / "logs" / f"extproc-{variant}-{time.monotonic_ns()}.log"
             process = ManagedProcess("extproc", argv, log)
             mesh.processes["extproc"] = process.start()
@@ -257,7 +263,9 @@ class _Bench:
             ext_pids = ",".join(str(p) for p in _tree(pids["ext_proc"]))
             perf = subprocess.Popen(
                 ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter,context-switches", "-p", ext_pids],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         result = wrk(self.urls[row.mesh] + PATH, script, connections, SECONDS)
         if perf is not None:
@@ -296,9 +304,23 @@ class _Bench:
         rows: list[tuple[float, float, str]] = []
         for fmt, path in (("flamegraph", svg), ("raw", raw)):
             spy_process = subprocess.Popen(
-                [str(spy), "record", "-p", str(pid), "-d", str(SECONDS + 1), "-r", "200", "--format", fmt,
-                 "-o", str(path), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    str(spy),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(SECONDS + 1),
+                    "-r",
+                    "200",
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(path),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             time.sleep(0.5)
             wrk(url, script, SATURATION, SECONDS)
@@ -352,8 +374,13 @@ def _plots(out_dir: Path, rows: list[Row]) -> list[str]:
     colors = ["#4c72b0" if r.key == "alone" else "#55a868" if r.extproc is None else "#c44e52" for r in shown]
     bars = ax1.barh(range(len(shown)), ratios, color=colors)
     for bar, ratio, row in zip(bars, ratios, shown):
-        ax1.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2,
-                 f"{ratio:.0%} ({_fmt_rps(row.median(SATURATION, 'rps'))}/s)", va="center", fontsize=8)
+        ax1.text(
+            bar.get_width() + 0.01,
+            bar.get_y() + bar.get_height() / 2,
+            f"{ratio:.0%} ({_fmt_rps(row.median(SATURATION, 'rps'))}/s)",
+            va="center",
+            fontsize=8,
+        )
     ax1.axvline(0.5, color="grey", ls="--", lw=0.8)
     ax1.axvline(0.9, color="grey", ls=":", lw=0.8)
     ax1.set_yticks(range(len(shown)), labels, fontsize=8)
@@ -435,8 +462,12 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, load: tup
     # Targets (issue #5).
     header, fast = by["header"], by["fast"]
     checks = [
-        ("mesh (picker, header) throughput >= 50% of Envoy alone",
-         header.median(SATURATION, "rps") / base_rps, 0.5, "{:.0%}"),
+        (
+            "mesh (picker, header) throughput >= 50% of Envoy alone",
+            header.median(SATURATION, "rps") / base_rps,
+            0.5,
+            "{:.0%}",
+        ),
         ("mesh adds <= 0.3 ms p50 at 1 connection", header.median(1, "p50_ms") - base_p50, 0.3, "{:+.2f} ms"),
         ("fast path throughput >= 90% of Envoy alone", fast.median(SATURATION, "rps") / base_rps, 0.9, "{:.0%}"),
     ]
@@ -454,17 +485,23 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, load: tup
         cap = capacity(row) if "throughput" in text else "—"
         out.append(f"| {text} | {fmt.format(value)} | {'yes' if ok else 'no'} | {cap} |")
     quiet = by["quiet-fast"]
-    out.append(f"| (fast path with telemetry off) | {quiet.median(SATURATION, 'rps') / base_rps:.0%} | "
-               f"{'yes' if quiet.median(SATURATION, 'rps') / base_rps >= 0.9 else 'no'} | {capacity(quiet)} |")
+    out.append(
+        f"| (fast path with telemetry off) | {quiet.median(SATURATION, 'rps') / base_rps:.0%} | "
+        f"{'yes' if quiet.median(SATURATION, 'rps') / base_rps >= 0.9 else 'no'} | {capacity(quiet)} |"
+    )
     out.append("")
 
     # CPU per request.
     parts = ["Envoy", "ext_proc", "control plane", "upstream", "wrk"]
-    out.append(f"CPU time per request at {SATURATION} connections, by process (µs, median), and ext_proc streams "
-               "per request (a check: 1 per picker round, 0 on the fast path):")
+    out.append(
+        f"CPU time per request at {SATURATION} connections, by process (µs, median), and ext_proc streams "
+        "per request (a check: 1 per picker round, 0 on the fast path):"
+    )
     out.append("")
-    out.append("| configuration | " + " | ".join(parts) + " | total | capacity vs Envoy alone | ext_proc streams / "
-               "request | ext_proc syscalls / request | ext_proc context switches / request |")
+    out.append(
+        "| configuration | " + " | ".join(parts) + " | total | capacity vs Envoy alone | ext_proc streams / "
+        "request | ext_proc syscalls / request | ext_proc context switches / request |"
+    )
     out.append("|---|" + "---:|" * (len(parts) + 5))
     alone_total = sum(_cpu(alone, p) if alone.cpu.get(p) else 0.0 for p in parts)
     for r in rows:
@@ -472,10 +509,14 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, load: tup
             continue
         values = [statistics.median(r.cpu[p]) if r.cpu.get(p) else 0.0 for p in parts]
         streams = f"{statistics.median(r.extproc_streams):.2f}" if r.extproc_streams else "—"
-        kernel = [f"{statistics.median(r.kernel[k]):.1f}" if r.kernel.get(k) else "—"
-                  for k in ("syscalls", "context switches")]
-        out.append(f"| {r.label} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {sum(values):.0f} | "
-                   f"{alone_total / sum(values):.0%} | {streams} | " + " | ".join(kernel) + " |")
+        kernel = [
+            f"{statistics.median(r.kernel[k]):.1f}" if r.kernel.get(k) else "—"
+            for k in ("syscalls", "context switches")
+        ]
+        out.append(
+            f"| {r.label} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {sum(values):.0f} | "
+            f"{alone_total / sum(values):.0%} | {streams} | " + " | ".join(kernel) + " |"
+        )
     out.append("")
     out.append(
         "\"Capacity\" is Envoy alone's total CPU per request over the row's: the throughput ratio these "
@@ -492,20 +533,26 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, load: tup
 
     out.append("Comparisons from the same run:")
     out.append("")
-    out.append(f"- body inspection (second ext_proc round): body/header throughput {ratio('body', 'header')}, "
-               f"added p50 {by['body'].median(1, 'p50_ms') - header.median(1, 'p50_ms'):+.2f} ms at 1 connection;")
+    out.append(
+        f"- body inspection (second ext_proc round): body/header throughput {ratio('body', 'header')}, "
+        f"added p50 {by['body'].median(1, 'p50_ms') - header.median(1, 'p50_ms'):+.2f} ms at 1 connection;"
+    )
     out.append(f"- 2 ext_proc workers vs 1 (same 2 cores): {ratio('workers2', 'header')} throughput;")
     if by["floor"].cpu.get("ext_proc") and header.cpu.get("ext_proc"):
         ours = statistics.median(header.cpu["ext_proc"])
         floor = statistics.median(by["floor"].cpu["ext_proc"])
-        out.append(f"- the mesh's ext_proc vs a constant-answer grpc.aio ext_proc (the floor of any Python "
-                   f"ext_proc): {ratio('header', 'floor')} throughput; ext_proc CPU per request {ours:.0f} vs "
-                   f"{floor:.0f} µs, so identification, picking and telemetry are "
-                   f"{max(0.0, ours - floor) / ours:.0%} of it and grpcio's per-stream cost the rest;")
-    out.append(f"- telemetry (access log file + access-log stream, fast-path successes sampled 1 in 10; token "
-               f"sampling): fast path "
-               f"{ratio('fast', 'quiet-fast')}, picker {ratio('header', 'quiet-header')} of the throughput "
-               "with it off;")
+        out.append(
+            f"- the mesh's ext_proc vs a constant-answer grpc.aio ext_proc (the floor of any Python "
+            f"ext_proc): {ratio('header', 'floor')} throughput; ext_proc CPU per request {ours:.0f} vs "
+            f"{floor:.0f} µs, so identification, picking and telemetry are "
+            f"{max(0.0, ours - floor) / ours:.0%} of it and grpcio's per-stream cost the rest;"
+        )
+    out.append(
+        f"- telemetry (access log file + access-log stream, fast-path successes sampled 1 in 10; token "
+        f"sampling): fast path "
+        f"{ratio('fast', 'quiet-fast')}, picker {ratio('header', 'quiet-header')} of the throughput "
+        "with it off;"
+    )
     out.append(f"- fast path vs picker (header): {ratio('fast', 'header')} throughput.")
     out.append("")
 

@@ -68,11 +68,15 @@ def _spec(addresses: list[str]) -> dict:
         "apiVersion": "imesh/v1",
         "kind": "Mesh",
         "pools": [{"name": "p", "tier": "standard"}],
-        "models": [{
-            "name": MODEL,
-            "routing_mode": "fast",
-            "versions": [{"name": "v1", "weight": 100, "endpoints": [{"address": a, "pool": "p"} for a in addresses]}],
-        }],
+        "models": [
+            {
+                "name": MODEL,
+                "routing_mode": "fast",
+                "versions": [
+                    {"name": "v1", "weight": 100, "endpoints": [{"address": a, "pool": "p"} for a in addresses]}
+                ],
+            }
+        ],
     }
 
 
@@ -92,9 +96,11 @@ def _routed_dump(mesh: LocalMesh, endpoints: int, timeout_s: float = 30) -> dict
             if r.status_code == 200:
                 dump = httpx.get(mesh.admin_url + "/config_dump", params={"include_eds": ""}, timeout=5).json()
                 eds = next(c for c in dump["configs"] if _kind(c) == "EndpointsConfigDump")
-                have = sum(len(loc.get("lb_endpoints", []))
-                           for e in eds.get("dynamic_endpoint_configs", [])
-                           for loc in e["endpoint_config"].get("endpoints", []))
+                have = sum(
+                    len(loc.get("lb_endpoints", []))
+                    for e in eds.get("dynamic_endpoint_configs", [])
+                    for loc in e["endpoint_config"].get("endpoints", [])
+                )
                 if have >= endpoints:
                     return dump
         except httpx.HTTPError:
@@ -122,10 +128,14 @@ def static_bootstrap(dump: dict) -> tuple[dict, list[str]]:
     configs = {_kind(c): c for c in dump["configs"]}
     boot = configs["BootstrapConfigDump"]["bootstrap"]
     notes = []
-    routes = {r["route_config"]["name"]: r["route_config"]
-              for r in configs["RoutesConfigDump"].get("dynamic_route_configs", [])}
-    assignments = {e["endpoint_config"]["cluster_name"]: e["endpoint_config"]
-                   for e in configs["EndpointsConfigDump"].get("dynamic_endpoint_configs", [])}
+    routes = {
+        r["route_config"]["name"]: r["route_config"]
+        for r in configs["RoutesConfigDump"].get("dynamic_route_configs", [])
+    }
+    assignments = {
+        e["endpoint_config"]["cluster_name"]: e["endpoint_config"]
+        for e in configs["EndpointsConfigDump"].get("dynamic_endpoint_configs", [])
+    }
 
     listeners = []
     for entry in configs["ListenersConfigDump"].get("dynamic_listeners", []):
@@ -150,8 +160,11 @@ def static_bootstrap(dump: dict) -> tuple[dict, list[str]]:
             cluster["load_assignment"] = _static_assignment(assignments[cluster["name"]])
         clusters.append(cluster)
 
-    out = {k: copy.deepcopy(v) for k, v in boot.items() if k not in ("node", "admin", "static_resources",
-                                                                      "dynamic_resources")}
+    out = {
+        k: copy.deepcopy(v)
+        for k, v in boot.items()
+        if k not in ("node", "admin", "static_resources", "dynamic_resources")
+    }
     out["node"] = {k: v for k, v in boot["node"].items() if k in ("id", "cluster", "metadata", "locality")}
     if "layered_runtime" in out:  # an RTDS layer would need the ADS stream a static Envoy does not have
         layers = out["layered_runtime"].get("layers", [])
@@ -204,7 +217,8 @@ _LOCAL_LOGGERS = ("FileAccessLog", "StdoutAccessLog", "StderrAccessLog")
 
 def _is_local_log(log: dict) -> bool:
     return _kind(log.get("typed_config", {})) in _LOCAL_LOGGERS or log.get("name", "").endswith(
-        (".file", ".stdout", ".stderr"))
+        (".file", ".stdout", ".stderr")
+    )
 
 
 def without_file_log(b: dict) -> None:
@@ -223,17 +237,23 @@ def without_access_log(b: dict) -> None:
 
 def without_header_strip(b: dict) -> None:
     for hcm in _hcms(b):
-        hcm["http_filters"] = [f for f in hcm.get("http_filters", [])
-                               if _kind(f.get("typed_config", {})) != "HeaderMutation"
-                               and "header_mutation" not in f.get("name", "")]
+        hcm["http_filters"] = [
+            f
+            for f in hcm.get("http_filters", [])
+            if _kind(f.get("typed_config", {})) != "HeaderMutation" and "header_mutation" not in f.get("name", "")
+        ]
 
 
 def without_response_headers(b: dict) -> None:
     """No ``x-imesh-*`` response headers, at every level they can be set."""
+
     def strip(holder: dict) -> None:
         if "response_headers_to_add" in holder:
-            kept = [h for h in holder["response_headers_to_add"]
-                    if not h.get("header", {}).get("key", "").lower().startswith("x-imesh-")]
+            kept = [
+                h
+                for h in holder["response_headers_to_add"]
+                if not h.get("header", {}).get("key", "").lower().startswith("x-imesh-")
+            ]
             if kept:
                 holder["response_headers_to_add"] = kept
             else:
@@ -285,15 +305,31 @@ VARIANTS = [
     Variant("configured", "the mesh as configured", (), None),
     Variant("no-file-log", "without the JSON file access log", (without_file_log,), "configured"),
     Variant("no-log", "without any access log", (without_access_log,), "configured"),
-    Variant("no-strip", "no access log, without the header strip (header_mutation)",
-            (without_access_log, without_header_strip), "no-log"),
-    Variant("no-resp-headers", "no access log, without the x-imesh-* response headers",
-            (without_access_log, without_response_headers), "no-log"),
+    Variant(
+        "no-strip",
+        "no access log, without the header strip (header_mutation)",
+        (without_access_log, without_header_strip),
+        "no-log",
+    ),
+    Variant(
+        "no-resp-headers",
+        "no access log, without the x-imesh-* response headers",
+        (without_access_log, without_response_headers),
+        "no-log",
+    ),
     Variant("no-retries", "no access log, without retries", (without_access_log, without_retries), "no-log"),
-    Variant("no-hash", "no access log, without the session hash policy",
-            (without_access_log, without_session_hash), "no-log"),
-    Variant("round-robin", "no access log, ROUND_ROBIN instead of override_host",
-            (without_access_log, round_robin), "no-log"),
+    Variant(
+        "no-hash",
+        "no access log, without the session hash policy",
+        (without_access_log, without_session_hash),
+        "no-log",
+    ),
+    Variant(
+        "round-robin",
+        "no access log, ROUND_ROBIN instead of override_host",
+        (without_access_log, round_robin),
+        "no-log",
+    ),
     Variant("bare", "no access log and none of the five above", (without_access_log, *_FEATURES), "no-log"),
 ]
 ALONE = Variant("alone", "Envoy alone (router + round-robin cluster)", (), None)
@@ -411,7 +447,8 @@ def _measure_all(workdir: Path) -> tuple[list[Cell], dict]:
         dump = _routed_dump(mesh, len(addresses))
         base, info["notes"] = static_bootstrap(dump)
         info["access_logs"] = [
-            (log.get("name", "?"), "filter" in log) for holder in _access_log_holders(base)
+            (log.get("name", "?"), "filter" in log)
+            for holder in _access_log_holders(base)
             for log in holder.get("access_log", [])
         ]
         script = lua_script(workdir, "fast", CHAT_BODY, {"x-model-id": MODEL})
@@ -433,9 +470,12 @@ def _measure_all(workdir: Path) -> tuple[list[Cell], dict]:
                 _signal(proxy.process, signal.SIGCONT)
             info["ext_proc_streams"] += sum(_ext_proc_streams(p) for p in proxies.values())
             _stop(live)
-            print(f"bench: envoy_features round {round_ + 1}/{ROUNDS}: "
-                  + ", ".join(f"{c.variant.key} {c.envoy[-1]:.0f}" for c in cells if c.envoy) + " µs/req",
-                  flush=True)
+            print(
+                f"bench: envoy_features round {round_ + 1}/{ROUNDS}: "
+                + ", ".join(f"{c.variant.key} {c.envoy[-1]:.0f}" for c in cells if c.envoy)
+                + " µs/req",
+                flush=True,
+            )
     finally:
         _stop(live)
         if mesh is not None:
@@ -509,7 +549,7 @@ def _report(cells: list[Cell], info: dict, plot: str) -> str:
         f"its figure in the Envoy alone row).",
         "",
         f"Access logs in the mesh's configuration (kept as configured, only removed): {logs or 'none'}. "
-        "Below \"no access log\", each row removes one more feature from that; \"saves\" is the Envoy CPU per "
+        'Below "no access log", each row removes one more feature from that; "saves" is the Envoy CPU per '
         "request of the row it removes the feature from minus its own.",
         "",
         "| configuration | Envoy µs/req | saves | vs Envoy alone | Envoy µs/req by round | upstream µs/req "
@@ -521,7 +561,7 @@ def _report(cells: list[Cell], info: dict, plot: str) -> str:
             out.append(f"| {c.variant.label} | n/a | | | | | | | | {c.errors} |")
             continue
         envoy = c.median("envoy")
-        saves = (f"{by[c.variant.baseline].median('envoy') - envoy:+.1f}" if c.variant.baseline else "—")
+        saves = f"{by[c.variant.baseline].median('envoy') - envoy:+.1f}" if c.variant.baseline else "—"
         vs = "—" if c is alone else f"{envoy - a_envoy:+.1f}"
         rounds = " ".join(f"{v:.0f}" for v in c.envoy)
         out.append(
@@ -542,9 +582,13 @@ def _report(cells: list[Cell], info: dict, plot: str) -> str:
         # Two standard deviations of the difference of two medians of `rounds` values (a median's
         # standard error is about 1.25 times a mean's).
         noise = 2 * 1.25 * sd * (2 / rounds) ** 0.5
-        steadier = ("steadier than req/s" if cpu_cv < 0.8 * rps_cv else
-                    "about as steady as req/s in this run" if cpu_cv < 1.25 * rps_cv else
-                    "less steady than req/s in this run")
+        steadier = (
+            "steadier than req/s"
+            if cpu_cv < 0.8 * rps_cv
+            else "about as steady as req/s in this run"
+            if cpu_cv < 1.25 * rps_cv
+            else "less steady than req/s in this run"
+        )
         out.append(
             f"How to read it: Envoy CPU per request is what a feature costs Envoy, and on this shared "
             f"{os.cpu_count()}-core machine it was {steadier} (round-to-round standard deviation "
@@ -557,12 +601,16 @@ def _report(cells: list[Cell], info: dict, plot: str) -> str:
         if "bare" in by and by["bare"].envoy and by["no-log"].envoy and singles:
             each = sum(by["no-log"].median("envoy") - c.median("envoy") for c in singles)
             together = by["no-log"].median("envoy") - by["bare"].median("envoy")
-            out[-1] += (f" A check on that: the {len(singles)} single-feature savings add up to {each:.0f} µs, "
-                        f"removing all {len(singles)} at once saves {together:.0f} µs.")
+            out[-1] += (
+                f" A check on that: the {len(singles)} single-feature savings add up to {each:.0f} µs, "
+                f"removing all {len(singles)} at once saves {together:.0f} µs."
+            )
     else:
         out.append("One round only: no round-to-round spread to judge the noise by.")
-    checks = [f"ext_proc streams opened by these Envoys during the run: {info.get('ext_proc_streams', 'n/a')} "
-              "(0 expected: the fast-path routes switch the ext_proc filter off)."]
+    checks = [
+        f"ext_proc streams opened by these Envoys during the run: {info.get('ext_proc_streams', 'n/a')} "
+        "(0 expected: the fast-path routes switch the ext_proc filter off)."
+    ]
     checks += info.get("notes", [])
     out.append("")
     out.extend(checks)

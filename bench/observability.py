@@ -52,12 +52,20 @@ PATH = "/v1/chat/completions"
 
 
 def _model(name: str, addresses: list[str], mode: str = "picker") -> dict:
-    return {"name": name, "routing_mode": mode,
-            "versions": [{"name": "v1", "endpoints": [{"address": a, "pool": "p"} for a in addresses]}]}
+    return {
+        "name": name,
+        "routing_mode": mode,
+        "versions": [{"name": "v1", "endpoints": [{"address": a, "pool": "p"} for a in addresses]}],
+    }
 
 
 def _spec(*models: dict) -> dict:
-    return {"apiVersion": "imesh/v1", "kind": "Mesh", "pools": [{"name": "p", "tier": "standard"}], "models": list(models)}
+    return {
+        "apiVersion": "imesh/v1",
+        "kind": "Mesh",
+        "pools": [{"name": "p", "tier": "standard"}],
+        "models": list(models),
+    }
 
 
 class _Variant:
@@ -117,8 +125,11 @@ def _static_variants(workdir: Path) -> tuple[list, list[_Variant], list[_Variant
     counting on the picker path, both against the static upstream."""
     upstream, addresses = start_upstream(workdir, replicas=4)
     spec = workdir / "static.yaml"
-    spec.write_text(yaml.safe_dump(_spec(_model("bench", addresses[:2]), _model("bench-fast", addresses[2:], "fast")),
-                                   sort_keys=False))
+    spec.write_text(
+        yaml.safe_dump(
+            _spec(_model("bench", addresses[:2]), _model("bench-fast", addresses[2:], "fast")), sort_keys=False
+        )
+    )
     fast = lua_script(workdir, "fast", CHAT_BODY, {"x-model-id": "bench-fast"})
     picker = lua_script(workdir, "picker", CHAT_BODY, {"x-model-id": "bench"})
     quiet = ("--no-grpc-access-log", "--access-log-path", "")
@@ -130,8 +141,13 @@ def _static_variants(workdir: Path) -> tuple[list, list[_Variant], list[_Variant
         ("als+file", (), ("--token-sample-rate", "0")),
         ("tokens", (), ("--token-sample-rate", "1")),
     ):
-        meshes[name] = LocalMesh(spec=spec, workdir=workdir / name.replace("+", "-"), ports=MeshPorts.ephemeral(),
-                                 controlplane_args=cp_args, extproc_args=ext_args)
+        meshes[name] = LocalMesh(
+            spec=spec,
+            workdir=workdir / name.replace("+", "-"),
+            ports=MeshPorts.ephemeral(),
+            controlplane_args=cp_args,
+            extproc_args=ext_args,
+        )
     logging = [
         _Variant("fast path, no access logs", meshes["none"], fast),
         _Variant("fast path, gRPC access log, every request", meshes["als-all"], fast),
@@ -148,17 +164,33 @@ def _static_variants(workdir: Path) -> tuple[list, list[_Variant], list[_Variant
 def _stream_variants(workdir: Path) -> list[_Variant]:
     (port,) = free_ports(1)
     fleet = workdir / "fleet.yaml"
-    fleet.write_text(yaml.safe_dump({"seed": 7, "time_scale": 0.05, "replicas": [
-        {"name": "sim", "address": f"127.0.0.1:{port}", "models": ["sim"], "gpu": "h100", "overrides": {}}]}))
+    fleet.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 7,
+                "time_scale": 0.05,
+                "replicas": [
+                    {"name": "sim", "address": f"127.0.0.1:{port}", "models": ["sim"], "gpu": "h100", "overrides": {}}
+                ],
+            }
+        )
+    )
     spec = workdir / "stream.yaml"
     spec.write_text(yaml.safe_dump(_spec(_model("sim", [f"127.0.0.1:{port}"])), sort_keys=False))
-    body = ('{"model": "sim", "stream": true, "max_tokens": %d, '
-            '"messages": [{"role": "user", "content": "Say hello."}]}' % STREAM_TOKENS)
+    body = (
+        '{"model": "sim", "stream": true, "max_tokens": %d, '
+        '"messages": [{"role": "user", "content": "Say hello."}]}' % STREAM_TOKENS
+    )
     script = lua_script(workdir, "stream", body, {"x-model-id": "sim"})
     variants = []
     for i, rate in enumerate(("0", "1")):
-        mesh = LocalMesh(spec=spec, workdir=workdir / f"stream-{rate}", ports=MeshPorts.ephemeral(),
-                         fleet_config=fleet if i == 0 else None, extproc_args=("--token-sample-rate", rate))
+        mesh = LocalMesh(
+            spec=spec,
+            workdir=workdir / f"stream-{rate}",
+            ports=MeshPorts.ephemeral(),
+            fleet_config=fleet if i == 0 else None,
+            extproc_args=("--token-sample-rate", rate),
+        )
         variants.append(_Variant(f"stream, token sample rate {rate}", mesh, script))
     return variants
 
@@ -229,8 +261,10 @@ def _row(v: _Variant, processes: list[str]) -> str:
 
 
 PROCESSES = ["envoy", "extproc", "controlplane"]
-HEAD = ("| configuration | req/s at %d conns | p50 ms at 1 conn | p99 ms at 1 conn | "
-        "Envoy µs/req | ext_proc µs/req | control plane µs/req | errors |" % SATURATION)
+HEAD = (
+    "| configuration | req/s at %d conns | p50 ms at 1 conn | p99 ms at 1 conn | "
+    "Envoy µs/req | ext_proc µs/req | control plane µs/req | errors |" % SATURATION
+)
 
 
 def _table(title: str, variants: list[_Variant]) -> list[str]:
@@ -239,28 +273,39 @@ def _table(title: str, variants: list[_Variant]) -> list[str]:
 
 def _delta(a: _Variant, b: _Variant) -> str:
     """What b adds over a: CPU per request by process, p50 at 1 connection, throughput ratio."""
-    cpu = ", ".join(f"{name} {b.cpu_us(p) - a.cpu_us(p):+.1f} µs" for name, p in
-                    (("Envoy", "envoy"), ("ext_proc", "extproc"), ("control plane", "controlplane")))
+    cpu = ", ".join(
+        f"{name} {b.cpu_us(p) - a.cpu_us(p):+.1f} µs"
+        for name, p in (("Envoy", "envoy"), ("ext_proc", "extproc"), ("control plane", "controlplane"))
+    )
     p50 = (b.best(1, "p50_ms") - a.best(1, "p50_ms")) * 1e3
     rps = b.best(SATURATION, "rps") / a.best(SATURATION, "rps")
     return f"CPU per request {cpu}; p50 {p50:+.0f} µs at 1 connection; {rps:.2f}x the throughput"
 
 
 def _report(logging: list[_Variant], tokens: list[_Variant], stream: list[_Variant], micro: dict[str, float]) -> str:
-    out = [f"Machine: {machine_summary()}. wrk 1 thread, {ROUNDS} interleaved rounds of {SECONDS:g} s; each "
-           "figure is the best round (highest req/s, lowest latency and CPU): other work only adds time. "
-           f"CPU per request: user+system time of each process over a {SATURATION}-connection run, minus its "
-           "idle rate (load scrapes), over the requests served.", ""]
+    out = [
+        f"Machine: {machine_summary()}. wrk 1 thread, {ROUNDS} interleaved rounds of {SECONDS:g} s; each "
+        "figure is the best round (highest req/s, lowest latency and CPU): other work only adds time. "
+        f"CPU per request: user+system time of each process over a {SATURATION}-connection run, minus its "
+        "idle rate (load scrapes), over the requests served.",
+        "",
+    ]
     out += _table("Access logs, fast path (no ext_proc: Envoy and the static upstream only):", logging)
     none, every, sampled, both = logging
-    out += [f"- gRPC access log, every request: {_delta(none, every)};",
-            f"- gRPC access log, 1 in 10 fast-path successes (`--fast-path-log-sample`, default 10): "
-            f"{_delta(none, sampled)};",
-            f"- JSON file log on top (same filter): {_delta(sampled, both)}.", ""]
+    out += [
+        f"- gRPC access log, every request: {_delta(none, every)};",
+        f"- gRPC access log, 1 in 10 fast-path successes (`--fast-path-log-sample`, default 10): "
+        f"{_delta(none, sampled)};",
+        f"- JSON file log on top (same filter): {_delta(sampled, both)}.",
+        "",
+    ]
     out += _table("Output-token counting, picker path, unstreamed JSON responses (one extra ext_proc round):", tokens)
     out += [f"- counting every response: {_delta(*tokens)}.", ""]
-    out += _table(f"Output-token counting, simulated fleet, streamed completions of {STREAM_TOKENS} tokens "
-                  "(one extra ext_proc round per chunk):", stream)
+    out += _table(
+        f"Output-token counting, simulated fleet, streamed completions of {STREAM_TOKENS} tokens "
+        "(one extra ext_proc round per chunk):",
+        stream,
+    )
     out += [f"- counting every stream: {_delta(*stream)}.", ""]
     out += ["In-process micro-benchmarks (best of 25 runs of 20,000):", "", "| operation | ns |", "|---|---:|"]
     out += [f"| {k} | {v:,.0f} |" for k, v in micro.items()]
@@ -292,8 +337,11 @@ def run(out_dir: Path) -> str:
         for v in [*logging, *tokens]:
             _wait(v.mesh, CHAT_BODY, {"x-model-id": "bench-fast" if "fast" in v.name else "bench"})
         for v in stream:
-            _wait(v.mesh, '{"model": "sim", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}',
-                  {"x-model-id": "sim"})
+            _wait(
+                v.mesh,
+                '{"model": "sim", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}',
+                {"x-model-id": "sim"},
+            )
         for v in [*logging, *tokens, *stream]:
             v.measure_idle()
         for round_ in range(ROUNDS):

@@ -160,10 +160,17 @@ def measure_builds(spec: MeshSpec, repeats: int) -> dict:
                 for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
             }
     gc.unfreeze()
-    return {"cold": cold, "incremental": kinds, "changed_resources": sent, "table_s": table_s,
-            "counts": {t.rsplit(".", 1)[1]: len(snapshot.resources[t]) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)},
-            "bytes": {t.rsplit(".", 1)[1]: sum(a.ByteSize() for a in snapshot.anys(t).values())
-                      for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}}
+    return {
+        "cold": cold,
+        "incremental": kinds,
+        "changed_resources": sent,
+        "table_s": table_s,
+        "counts": {t.rsplit(".", 1)[1]: len(snapshot.resources[t]) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)},
+        "bytes": {
+            t.rsplit(".", 1)[1]: sum(a.ByteSize() for a in snapshot.anys(t).values())
+            for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- xDS to a real Envoy
@@ -268,14 +275,16 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
                 await _eventually(visible, 60, "the endpoint change on Envoy's admin", 0.002)
                 t2 = time.perf_counter()
                 await _eventually(lambda: published.version in acked_at, 60, "the change ACKed", 0.002)
-                rows.append({
-                    "build_s": phases["total"],
-                    "publish_s": t1 - t0 - phases["total"],
-                    "ack_after_publish_s": acked_at[published.version] - t1,
-                    "change_to_ack_s": acked_at[published.version] - t0,
-                    "change_to_visible_s": t2 - t0,
-                    "responses": stream.responses - sent_before,
-                })
+                rows.append(
+                    {
+                        "build_s": phases["total"],
+                        "publish_s": t1 - t0 - phases["total"],
+                        "ack_after_publish_s": acked_at[published.version] - t1,
+                        "change_to_ack_s": acked_at[published.version] - t0,
+                        "change_to_visible_s": t2 - t0,
+                        "responses": stream.responses - sent_before,
+                    }
+                )
                 await asyncio.sleep(0.05)  # let Envoy settle (stats flush, workers) between changes
             out["changes"] = rows
             out["resources_sent_per_change"] = _per_change_resources(stream, changes)
@@ -306,9 +315,21 @@ async def controlplane_process_rss(spec: MeshSpec, workdir: Path) -> dict:
     spec_path = workdir / "mesh-1000.yaml"
     spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False))
     argv = python_module(
-        "controlplane", "--spec", str(spec_path), "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port), "--listener-port", str(listener_port), "--scrape-interval", "60",
-        "--log-level", "WARNING",
+        "controlplane",
+        "--spec",
+        str(spec_path),
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+        "--listener-port",
+        str(listener_port),
+        "--scrape-interval",
+        "60",
+        "--log-level",
+        "WARNING",
     )
     started = time.perf_counter()
     cp = ManagedProcess("controlplane", argv, workdir / "controlplane.log").start()
@@ -322,8 +343,11 @@ async def controlplane_process_rss(spec: MeshSpec, workdir: Path) -> dict:
         await asyncio.to_thread(envoy.wait_until, admin_ready(ports), 120.0)
         out["envoy_ready_s"] = time.perf_counter() - started
         async with httpx.AsyncClient(timeout=30.0) as http:
+
             async def synced() -> bool:
-                raw = (await http.get(f"http://127.0.0.1:{admin_port}/config_dump?resource=dynamic_active_clusters")).json()
+                raw = (
+                    await http.get(f"http://127.0.0.1:{admin_port}/config_dump?resource=dynamic_active_clusters")
+                ).json()
                 return len(raw.get("configs", [])) >= 1250
 
             await _eventually(synced, 120, "Envoy holding every cluster", 0.1)
@@ -379,8 +403,10 @@ def _plot(out_dir: Path, builds: dict, rounds: dict[str, dict]) -> list[str]:
 
     # 2. One-endpoint change, change → Envoy ACK and → visible on admin: SotW vs delta.
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, label in ((axes[0], "change_to_ack_s", "change → Envoy ACK"),
-                           (axes[1], "change_to_visible_s", "change → visible on admin")):
+    for ax, key, label in (
+        (axes[0], "change_to_ack_s", "change → Envoy ACK"),
+        (axes[1], "change_to_visible_s", "change → visible on admin"),
+    ):
         data = [[r[key] * 1e3 for r in rounds[api]["changes"]] for api in rounds]
         ax.boxplot(data, whis=(0, 100))
         ax.set_xticks(range(1, len(rounds) + 1), [_API_LABEL[api] for api in rounds])
@@ -406,8 +432,14 @@ def run(out_dir: Path) -> str:
     builds = measure_builds(spec, repeats)
     rounds = {api: asyncio.run(xds_round(api, spec, changes[api], workdir)) for api in ("sotw", "delta")}
     process = asyncio.run(controlplane_process_rss(spec, workdir / "process"))
-    results = {"builds": builds, "rounds": rounds, "process": process, "repeats": repeats,
-               "loadavg": os.getloadavg(), "cpus": os.cpu_count()}
+    results = {
+        "builds": builds,
+        "rounds": rounds,
+        "process": process,
+        "repeats": repeats,
+        "loadavg": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
     (workdir / "scale_results.json").write_text(json.dumps(results, indent=1, default=str))
     return render(out_dir, results)
 
@@ -416,8 +448,15 @@ def render(out_dir: Path, results: dict) -> str:
     """Plots and the markdown section from a run's results (also `python -m bench.scale --render FILE`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plot(out_dir, results["builds"], results["rounds"])
-    return _report(results["builds"], results["rounds"], results["process"], plots, results["repeats"],
-                   results.get("loadavg"), results.get("cpus"))
+    return _report(
+        results["builds"],
+        results["rounds"],
+        results["process"],
+        plots,
+        results["repeats"],
+        results.get("loadavg"),
+        results.get("cpus"),
+    )
 
 
 def _report(builds: dict, rounds: dict, process: dict, plots: list[str], repeats: int, loadavg=None, cpus=None) -> str:
@@ -436,8 +475,12 @@ def _report(builds: dict, rounds: dict, process: dict, plots: list[str], repeats
         f"one listener and one route configuration ({builds['bytes']['RouteConfiguration'] / 1e6:.1f} MB). "
         f"Serialized: clusters {builds['bytes']['Cluster'] / 1e6:.2f} MB, endpoints "
         f"{builds['bytes']['ClusterLoadAssignment'] / 1e6:.2f} MB. Envoy 1.40, `--concurrency 1`, loopback. "
-        + (f"Machine: {cpus} CPUs, load average {loadavg[0]:.1f} when the run ended (wall-clock times below "
-           f"stretch with it; the CPU times of the build do much less)." if loadavg else ""),
+        + (
+            f"Machine: {cpus} CPUs, load average {loadavg[0]:.1f} when the run ended (wall-clock times below "
+            f"stretch with it; the CPU times of the build do much less)."
+            if loadavg
+            else ""
+        ),
         "",
         "| target (issue #5) | measured | |",
         "|---|---|---|",
@@ -458,7 +501,10 @@ def _report(builds: dict, rounds: dict, process: dict, plots: list[str], repeats
     ]
     rows = {"cold (full)": builds["cold"], **builds["incremental"]}
     for name, runs in rows.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in ("model", "translate", "snapshot", "check", "total", "cpu")}
+        med = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("model", "translate", "snapshot", "check", "total", "cpu")
+        }
         changed = builds["changed_resources"].get(name)
         changed_text = ", ".join(f"{k} {v}" for k, v in changed.items() if v) if changed else "all"
         lines.append(
@@ -471,7 +517,7 @@ def _report(builds: dict, rounds: dict, process: dict, plots: list[str], repeats
         f"{_ms(builds['table_s'])} ms per rebuild.",
         "",
         "**Full push and one-endpoint changes, State-of-the-World vs delta** (each on a fresh Envoy; "
-        "\"ACK\" = every type ACKed for the new version; \"visible\" = the first admin poll, every ~2 ms, "
+        '"ACK" = every type ACKed for the new version; "visible" = the first admin poll, every ~2 ms, '
         "that shows it):",
         "",
         "| | State-of-the-World | delta | SotW / delta |",

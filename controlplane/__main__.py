@@ -38,18 +38,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scrape-interval", type=float, default=0.1, help="seconds between load scrapes")
     parser.add_argument("--stats-window", type=float, default=30.0, help="seconds of traffic `imesh status` reports")
     telemetry = parser.add_argument_group("telemetry (docs/observability.md)")
-    telemetry.add_argument("--access-log-path", default="/dev/stdout",
-                           help="Envoy's JSON access log file ('' = none)")
-    telemetry.add_argument("--access-log-flush", type=float, default=0.5,
-                           help="seconds Envoy batches access log entries for the control plane")
-    telemetry.add_argument("--fast-path-log-sample", type=_positive_int, default=10, metavar="N",
-                           help="log 1 in N successful fast-path requests (failures and picker-routed requests "
-                                "are always logged; metrics count each sampled one as N); 1 logs every request")
-    telemetry.add_argument("--no-grpc-access-log", action="store_true",
-                           help="no access log stream to the control plane (no request metrics or status traffic)")
+    telemetry.add_argument("--access-log-path", default="/dev/stdout", help="Envoy's JSON access log file ('' = none)")
+    telemetry.add_argument(
+        "--access-log-flush",
+        type=float,
+        default=0.5,
+        help="seconds Envoy batches access log entries for the control plane",
+    )
+    telemetry.add_argument(
+        "--fast-path-log-sample",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="log 1 in N successful fast-path requests (failures and picker-routed requests "
+        "are always logged; metrics count each sampled one as N); 1 logs every request",
+    )
+    telemetry.add_argument(
+        "--no-grpc-access-log",
+        action="store_true",
+        help="no access log stream to the control plane (no request metrics or status traffic)",
+    )
     telemetry.add_argument("--tracing-collector", default="", help="OTLP/gRPC collector host:port for Envoy's tracer")
-    telemetry.add_argument("--trace-sampling", type=float, default=100.0,
-                           help="percent of requests traced when the client sent no sampling decision")
+    telemetry.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=100.0,
+        help="percent of requests traced when the client sent no sampling decision",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -79,8 +94,9 @@ async def serve(args: argparse.Namespace) -> None:
     # long as the process: keep the cyclic GC from re-scanning it during every rebuild (at 10,000
     # endpoints a full collection otherwise stalls a rebuild by ~50 ms; docs/xds.md).
     gc.freeze()
-    http = await start_http_server(args.host, args.metrics_port, lambda: control_plane.ready,
-                                   registry=control_plane.observability.registry)
+    http = await start_http_server(
+        args.host, args.metrics_port, lambda: control_plane.ready, registry=control_plane.observability.registry
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

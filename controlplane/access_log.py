@@ -35,18 +35,20 @@ SHED_DETAILS = "imesh_overloaded"
 RATE_LIMITED_DETAILS = "imesh_rate_limited"
 
 # Envoy's response flags that mean the upstream side failed, not the client or the mesh's policy.
-_UPSTREAM_FAILURE_FLAGS = frozenset((
-    "failed_local_healthcheck",
-    "no_healthy_upstream",
-    "upstream_request_timeout",
-    "upstream_remote_reset",
-    "upstream_connection_failure",
-    "upstream_connection_termination",
-    "upstream_overflow",
-    "upstream_retry_limit_exceeded",
-    "upstream_max_stream_duration_reached",
-    "no_cluster_found",
-))
+_UPSTREAM_FAILURE_FLAGS = frozenset(
+    (
+        "failed_local_healthcheck",
+        "no_healthy_upstream",
+        "upstream_request_timeout",
+        "upstream_remote_reset",
+        "upstream_connection_failure",
+        "upstream_connection_termination",
+        "upstream_overflow",
+        "upstream_retry_limit_exceeded",
+        "upstream_max_stream_duration_reached",
+        "no_cluster_found",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,9 @@ def to_record(
 
     status = response.response_code.value if response.HasField("response_code") else 0
     details = response.response_code_details
-    first = _seconds(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None
+    first = (
+        _seconds(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None
+    )
     last = _seconds(common.time_to_last_upstream_rx_byte) if common.HasField("time_to_last_upstream_rx_byte") else None
     if common.HasField("duration"):
         duration = _seconds(common.duration)
@@ -154,7 +158,9 @@ def to_record(
         output_tokens=int(tokens) if tokens is not None else None,
         streamed=response_headers.get("content-type", "").startswith("text/event-stream"),
         generation_s=(last - first) if first is not None and last is not None else None,
-        rate_limited=status == 429 and not shed and (details == RATE_LIMITED_DETAILS or common.response_flags.rate_limited),
+        rate_limited=status == 429
+        and not shed
+        and (details == RATE_LIMITED_DETAILS or common.response_flags.rate_limited),
         details=details,
         request_id=request.request_id,
         node=node,

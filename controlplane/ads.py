@@ -213,7 +213,12 @@ class AdsStream:
     ) -> discovery_pb2.DiscoveryResponse:
         state = self.types[type_url]
         state.nonce = f"{self.id}-{next(self._nonces)}"
-        state.sent_version, state.sent_stage, state.sent_names, state.sent = version, stage, state.names, dict(resources)
+        state.sent_version, state.sent_stage, state.sent_names, state.sent = (
+            version,
+            stage,
+            state.names,
+            dict(resources),
+        )
         self.responses += 1
         self.cache.record_sent(self.node_id, type_url, version)
         response = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=state.nonce)
@@ -342,7 +347,9 @@ class DeltaAdsStream(AdsStream):
             self._on_delta_reply(type_url, state, request)
         return True
 
-    def _on_delta_reply(self, type_url: str, state: _DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    def _on_delta_reply(
+        self, type_url: str, state: _DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest
+    ) -> None:
         sent = state.pending.pop(request.response_nonce, None)
         if sent is None:
             self.stale_ignored += 1  # an earlier stream's nonce, or answered already
@@ -421,9 +428,7 @@ class DeltaAdsStream(AdsStream):
 
     def _rest_reported(self, snapshot: Snapshot) -> bool:
         """Whether EDS/LDS/RDS of `snapshot` are ACKed, so the clusters it drops can go."""
-        return all(
-            self.types[t].reported == (snapshot.version, FINAL) for t in snapshot.expected_types() - {CLUSTER}
-        )
+        return all(self.types[t].reported == (snapshot.version, FINAL) for t in snapshot.expected_types() - {CLUSTER})
 
     def _diff(
         self, type_url: str, state: _DeltaTypeState, snapshot: Snapshot, stage: str
@@ -435,9 +440,11 @@ class DeltaAdsStream(AdsStream):
         if state.wildcard:
             wanted: Iterable[str] = versions
         else:
-            wanted = [n for n in versions if n in state.names] if len(state.names) > len(versions) else [
-                n for n in state.names if n in versions
-            ]
+            wanted = (
+                [n for n in versions if n in state.names]
+                if len(state.names) > len(versions)
+                else [n for n in state.names if n in versions]
+            )
         envoy, force = state.envoy, state.force
         changed = [n for n in wanted if n in force or envoy.get(n) != versions[n]]
         removed: list[str] = []
@@ -483,7 +490,12 @@ class DeltaAdsStream(AdsStream):
         self.cache.record_sent(self.node_id, type_url, snapshot.version)
         log.debug(
             "-> %s delta %s v%s (%s) %d resources, %d removed",
-            self.node_id, type_url.rsplit(".", 1)[-1], snapshot.version, stage, len(changed), len(removed),
+            self.node_id,
+            type_url.rsplit(".", 1)[-1],
+            snapshot.version,
+            stage,
+            len(changed),
+            len(removed),
         )
         return response
 

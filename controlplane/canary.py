@@ -79,8 +79,9 @@ class VersionWindows:
     deque append otherwise. Windows are bounded by age (``horizon_s``) and size.
     """
 
-    def __init__(self, horizon_s: float = 3600.0, max_per_version: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, horizon_s: float = 3600.0, max_per_version: int = 200_000, clock: Callable[[], float] = time.monotonic
+    ):
         self._horizon = horizon_s
         self._max = max_per_version
         self._clock = clock
@@ -119,8 +120,9 @@ class VersionWindows:
             durations.append((duration, weight))
             requests += weight
             errors += failed * weight
-        return GateReading(version, requests, errors, weighted_percentile(durations, 0.99),
-                           max(self._clock() - since, 0.0))
+        return GateReading(
+            version, requests, errors, weighted_percentile(durations, 0.99), max(self._clock() - since, 0.0)
+        )
 
 
 def judge(gates: Gates, reading: GateReading) -> tuple[str, str]:
@@ -156,8 +158,14 @@ class CanaryView:
 class CanaryController:
     """Canary operations for the mesh API, and the loop that drives progressive canaries."""
 
-    def __init__(self, control_plane, windows: VersionWindows | None = None, tick_s: float = 0.2,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        control_plane,
+        windows: VersionWindows | None = None,
+        tick_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
         self._cp = control_plane
         self._clock = clock
         self._wall = wall
@@ -223,8 +231,13 @@ class CanaryController:
         override = self._overrides.weights.get(model.name, {})
         return {v.name: override.get(v.name, v.weight) for v in model.versions}
 
-    async def _commit(self, model: str, expected: CanaryState | None, state: CanaryState,
-                      weights: dict[str, int] | None | bool = False) -> int:
+    async def _commit(
+        self,
+        model: str,
+        expected: CanaryState | None,
+        state: CanaryState,
+        weights: dict[str, int] | None | bool = False,
+    ) -> int:
         """Write ``state`` (and the model's weight override: a dict, None to drop it, False to leave
         it) if the model's canary is still ``expected``; return the config version."""
         overrides = self._overrides
@@ -255,7 +268,9 @@ class CanaryController:
         if version not in versions:
             raise InvalidRequest(f"model {model.name!r} has no version {version!r} (versions: {', '.join(versions)})")
         if len(versions) < 2:
-            raise InvalidRequest(f"model {model.name!r} has only version {version!r}: a canary needs another to split with")
+            raise InvalidRequest(
+                f"model {model.name!r} has only version {version!r}: a canary needs another to split with"
+            )
         return versions
 
     def _begin(self, model: ModelSpec, version: str, switching_to: str) -> CanaryState | None:
@@ -284,9 +299,13 @@ class CanaryController:
         if current is None:
             current_override = self._overrides.weights.get(name)
             state = CanaryState(
-                model=name, version=version, phase=MANUAL, percent=percent,
+                model=name,
+                version=version,
+                phase=MANUAL,
+                percent=percent,
                 baseline_override=None if current_override is None else dict(current_override),
-                baseline_weights=self.weights(model), step_started_at=now,
+                baseline_weights=self.weights(model),
+                step_started_at=now,
             )
             expected = self._overrides.canaries.get(name)
             message = f"canary {version} set to {percent:g}%"
@@ -300,8 +319,9 @@ class CanaryController:
         state = state.with_event(now, message)
         return await self._commit(name, expected, state, weights), state
 
-    async def start_progressive(self, name: str, version: str, steps: list[float], interval_s: float,
-                                gates: Gates) -> tuple[int, CanaryState]:
+    async def start_progressive(
+        self, name: str, version: str, steps: list[float], interval_s: float, gates: Gates
+    ) -> tuple[int, CanaryState]:
         """`canary start`: the first step now; the controller advances or rolls back from there."""
         model = self._model(name)
         versions = self._canary_version(model, version)
@@ -317,12 +337,23 @@ class CanaryController:
         else:  # a manual canary of the same version turns progressive, keeping its baseline
             baseline_override, baseline_weights = current.baseline_override, current.baseline_weights
         state = CanaryState(
-            model=name, version=version, phase=PROGRESSING, percent=steps[0],
-            baseline_override=baseline_override, baseline_weights=baseline_weights,
-            steps=tuple(steps), step=0, interval_s=interval_s, gates=gates, step_started_at=now,
+            model=name,
+            version=version,
+            phase=PROGRESSING,
+            percent=steps[0],
+            baseline_override=baseline_override,
+            baseline_weights=baseline_weights,
+            steps=tuple(steps),
+            step=0,
+            interval_s=interval_s,
+            gates=gates,
+            step_started_at=now,
             history=current.history if current is not None else (),
-        ).with_event(now, f"progressive canary of {version} started: steps {_steps(steps)}, every {interval_s:g}s, "
-                          f"gates: {_gates(gates)}; step 1/{len(steps)} at {steps[0]:g}%")
+        ).with_event(
+            now,
+            f"progressive canary of {version} started: steps {_steps(steps)}, every {interval_s:g}s, "
+            f"gates: {_gates(gates)}; step 1/{len(steps)} at {steps[0]:g}%",
+        )
         weights = canary_weights(baseline_weights, versions, version, steps[0])
         return await self._commit(name, self._overrides.canaries.get(name), state, weights), state
 
@@ -331,14 +362,20 @@ class CanaryController:
         model = self._model(name)
         current = self._overrides.canaries.get(name)
         if current is None or not current.active:
-            raise Conflict(f"no canary in progress for {name}; start one with `imesh canary set {name} VERSION PERCENT`")
+            raise Conflict(
+                f"no canary in progress for {name}; start one with `imesh canary set {name} VERSION PERCENT`"
+            )
         return await self._promote(model, current, why)
 
     async def _promote(self, model: ModelSpec, current: CanaryState, why: str) -> tuple[int, CanaryState]:
         previous = stable_version(current.baseline_weights, current.version)
         state = current.with_event(
-            self._wall(), f"{why}: {current.version} at 100% (previous stable: {previous or 'none'})",
-            phase=PROMOTED, percent=100.0, previous_stable=previous, reason=why,
+            self._wall(),
+            f"{why}: {current.version} at 100% (previous stable: {previous or 'none'})",
+            phase=PROMOTED,
+            percent=100.0,
+            previous_stable=previous,
+            reason=why,
         )
         weights = promoted_weights([v.name for v in model.versions], current.version)
         return await self._commit(model.name, current, state, weights), state
@@ -348,13 +385,17 @@ class CanaryController:
         model = self._model(name)
         current = self._overrides.canaries.get(name)
         if current is None or current.phase == ROLLED_BACK:
-            raise Conflict(f"no canary of {name} to roll back" + (
-                f" (the last one, of {current.version}, was already rolled back)" if current else ""))
+            raise Conflict(
+                f"no canary of {name} to roll back"
+                + (f" (the last one, of {current.version}, was already rolled back)" if current else "")
+            )
         if current.phase == PROMOTED:
             promoted = promoted_weights([v.name for v in model.versions], current.version)
             if self._overrides.weights.get(name) != promoted:
-                raise Conflict(f"the weights of {name} changed since {current.version} was promoted; "
-                               "rolling back now would undo that change too: set the weights you want instead")
+                raise Conflict(
+                    f"the weights of {name} changed since {current.version} was promoted; "
+                    "rolling back now would undo that change too: set the weights you want instead"
+                )
         return await self._rollback(model, current, reason)
 
     async def _rollback(self, model: ModelSpec, current: CanaryState, reason: str) -> tuple[int, CanaryState]:
@@ -365,8 +406,10 @@ class CanaryController:
         baseline = {v: w for v, w in current.baseline_weights.items() if v in known}
         total = sum(baseline.values())
         state = current.with_event(
-            self._wall(), f"rolled back: {reason}; weights restored to {_weights(baseline)}",
-            phase=ROLLED_BACK, percent=100.0 * baseline.get(current.version, 0) / total if total else 0.0,
+            self._wall(),
+            f"rolled back: {reason}; weights restored to {_weights(baseline)}",
+            phase=ROLLED_BACK,
+            percent=100.0 * baseline.get(current.version, 0) / total if total else 0.0,
             reason=reason,
         )
         return await self._commit(model.name, current, state, restored), state
@@ -412,8 +455,13 @@ class CanaryController:
             return
         percent = current.steps[following]
         now = self._wall()
-        state = current.with_event(now, f"{passed}; step {following + 1}/{len(current.steps)} at {percent:g}%",
-                                   step=following, percent=percent, step_started_at=now)
+        state = current.with_event(
+            now,
+            f"{passed}; step {following + 1}/{len(current.steps)} at {percent:g}%",
+            step=following,
+            percent=percent,
+            step_started_at=now,
+        )
         weights = canary_weights(current.baseline_weights, [v.name for v in model.versions], current.version, percent)
         await self._commit(model.name, current, state, weights)
 
@@ -435,7 +483,9 @@ class CanaryController:
                 stable = stable_version(state.baseline_weights, state.version)
                 if stable:
                     readings += (self.windows.reading(model_name, stable, since),)
-            views.append(CanaryView(state, weights, readings, self._waiting.get(model_name, "") if state.active else ""))
+            views.append(
+                CanaryView(state, weights, readings, self._waiting.get(model_name, "") if state.active else "")
+            )
         return views
 
 

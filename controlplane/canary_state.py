@@ -154,4 +154,3 @@ def _apportion(total: int, shares: dict[str, int]) -> dict[str, int]:
     for k in sorted(exact, key=lambda k: (-(exact[k] - result[k]), k))[:left]:
         result[k] += 1
     return result
-

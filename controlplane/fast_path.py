@@ -39,13 +39,7 @@ NEUTRAL_WEIGHT = 50
 
 def fast_path_addresses(spec: MeshSpec) -> list[str]:
     """Endpoints of the models on the fast path (drained ones too: Envoy skips DRAINING itself)."""
-    return [
-        e.address
-        for m in spec.models
-        if routing_mode(spec, m) == "fast"
-        for v in m.versions
-        for e in v.endpoints
-    ]
+    return [e.address for m in spec.models if routing_mode(spec, m) == "fast" for v in m.versions for e in v.endpoints]
 
 
 def endpoint_weight(load: mesh_pb2.EndpointLoad | None, scoring: ScoringSpec, step: int = 5) -> int:

@@ -43,8 +43,11 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
         try:
             state = self._cp.store.state
             kept = reconcile_overrides(state.spec, spec, state.overrides)  # a dry run says so too
-            diff += [f"~ models.{m}: the spec's weights replace the live ones set by `imesh canary`"
-                     for m in sorted(set(state.overrides.weights) - set(kept.weights)) if diff]
+            diff += [
+                f"~ models.{m}: the spec's weights replace the live ones set by `imesh canary`"
+                for m in sorted(set(state.overrides.weights) - set(kept.weights))
+                if diff
+            ]
             if diff and not request.dry_run:
                 version = await self._cp.apply_spec(spec)
         except (ConfigRejected, Conflict) as exc:
@@ -68,15 +71,17 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
     # rejected the change: its own message), nothing half-applied either way.
 
     async def SetCanary(self, request, context):
-        return await self._canary_change(context, self._cp.canary.set_percent(request.model, request.version,
-                                                                               request.percent))
+        return await self._canary_change(
+            context, self._cp.canary.set_percent(request.model, request.version, request.percent)
+        )
 
     async def StartCanary(self, request, context):
         gates = Gates(request.gates.max_error_rate, request.gates.max_p99_s, request.gates.min_samples)
         return await self._canary_change(
             context,
-            self._cp.canary.start_progressive(request.model, request.version, list(request.steps),
-                                              request.interval_s, gates),
+            self._cp.canary.start_progressive(
+                request.model, request.version, list(request.steps), request.interval_s, gates
+            ),
         )
 
     async def PromoteCanary(self, request, context):
@@ -91,8 +96,9 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
 
     async def SetDrain(self, request, context):
         result = await _guarded(context, set_drain(self._cp, request.address, request.drained))
-        return mesh_pb2.DrainResponse(config_version=result.config_version, changed=result.changed,
-                                      model=result.model, version=result.version)
+        return mesh_pb2.DrainResponse(
+            config_version=result.config_version, changed=result.changed, model=result.model, version=result.version
+        )
 
     async def _canary_change(self, context, operation) -> mesh_pb2.CanaryChange:
         version, state = await _guarded(context, operation)
@@ -124,16 +130,25 @@ def canary_proto(view: CanaryView) -> mesh_pb2.CanaryState:
         steps=list(state.steps),
         step=state.step,
         interval_s=state.interval_s,
-        gates=mesh_pb2.CanaryGates(max_error_rate=gates.max_error_rate, max_p99_s=gates.max_p99_s,
-                                   min_samples=gates.min_samples) if gates is not None else None,
+        gates=mesh_pb2.CanaryGates(
+            max_error_rate=gates.max_error_rate, max_p99_s=gates.max_p99_s, min_samples=gates.min_samples
+        )
+        if gates is not None
+        else None,
         step_started_at_unix_s=state.step_started_at,
         baseline_weights=state.baseline_weights,
         weights=view.weights,
         previous_stable=state.previous_stable,
         reason=state.reason,
         readings=[
-            mesh_pb2.GateReading(version=r.version, samples=r.samples, errors=r.errors, error_rate=r.error_rate,
-                                 p99_s=r.p99_s, window_s=r.window_s)
+            mesh_pb2.GateReading(
+                version=r.version,
+                samples=r.samples,
+                errors=r.errors,
+                error_rate=r.error_rate,
+                p99_s=r.p99_s,
+                window_s=r.window_s,
+            )
             for r in view.readings
         ],
         history=[mesh_pb2.CanaryEvent(at_unix_s=e.at, message=e.message) for e in state.history],

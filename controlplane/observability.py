@@ -59,13 +59,17 @@ class Observability:
         self.access_log: AccessLogServicer | None = None
         self.log_sample = log_sample  # EnvoyOptions.fast_path_log_sample: a sampled record's weight
 
-        self.acks = Counter("imesh_xds_acks", "Config versions an Envoy fully applied (every type ACKed).",
-                            registry=self.registry)
-        self.nacks = Counter("imesh_xds_nacks", "xDS responses an Envoy rejected, by resource type.", ("type",),
-                             registry=self.registry)
+        self.acks = Counter(
+            "imesh_xds_acks", "Config versions an Envoy fully applied (every type ACKed).", registry=self.registry
+        )
+        self.nacks = Counter(
+            "imesh_xds_nacks", "xDS responses an Envoy rejected, by resource type.", ("type",), registry=self.registry
+        )
         self.convergence = Histogram(
-            "imesh_xds_convergence_seconds", "Config change (or Envoy connect) to that Envoy's full ACK.",
-            buckets=CONVERGENCE_BUCKETS, registry=self.registry,
+            "imesh_xds_convergence_seconds",
+            "Config change (or Envoy connect) to that Envoy's full ACK.",
+            buckets=CONVERGENCE_BUCKETS,
+            registry=self.registry,
         )
         cache.ack_hooks.append(self._on_ack)
         cache.nack_hooks.append(self._on_nack)
@@ -110,34 +114,46 @@ def _process_registry() -> CollectorRegistry:
 class _MeshCollector(Collector):
     """Series read at scrape time: xDS pushes and sync state, live load per endpoint, ALS health."""
 
-    def __init__(self, obs: Observability, cache: SnapshotCache, load_monitor: LoadMonitor,
-                 config_version: Callable[[], int]):
+    def __init__(
+        self, obs: Observability, cache: SnapshotCache, load_monitor: LoadMonitor, config_version: Callable[[], int]
+    ):
         self._obs, self._cache, self._load, self._version = obs, cache, load_monitor, config_version
 
     def describe(self) -> Iterable:
         return []  # collected lazily; nothing to check for duplicates up front
 
     def collect(self) -> Iterable:
-        yield GaugeMetricFamily("imesh_config_version", "Config version the control plane publishes.",
-                                value=self._version())
+        yield GaugeMetricFamily(
+            "imesh_config_version", "Config version the control plane publishes.", value=self._version()
+        )
         yield from self._xds()
         yield from self._endpoints()
         obs = self._obs
-        yield CounterMetricFamily("imesh_access_log_entries", "Access log entries received from Envoy.",
-                                  value=obs.access_log.entries if obs.access_log else 0)
-        yield GaugeMetricFamily("imesh_access_log_streams", "Open access log streams (one per Envoy worker).",
-                                value=obs.access_log.streams if obs.access_log else 0)
-        yield CounterMetricFamily("imesh_request_sink_errors", "Request record sinks that raised.",
-                                  value=obs.records.sink_errors)
+        yield CounterMetricFamily(
+            "imesh_access_log_entries",
+            "Access log entries received from Envoy.",
+            value=obs.access_log.entries if obs.access_log else 0,
+        )
+        yield GaugeMetricFamily(
+            "imesh_access_log_streams",
+            "Open access log streams (one per Envoy worker).",
+            value=obs.access_log.streams if obs.access_log else 0,
+        )
+        yield CounterMetricFamily(
+            "imesh_request_sink_errors", "Request record sinks that raised.", value=obs.records.sink_errors
+        )
 
     def _xds(self) -> Iterable:
-        pushes = CounterMetricFamily("imesh_xds_pushes", "xDS responses sent to Envoys, by resource type.",
-                                     labels=("type",))
+        pushes = CounterMetricFamily(
+            "imesh_xds_pushes", "xDS responses sent to Envoys, by resource type.", labels=("type",)
+        )
         connected = GaugeMetricFamily("imesh_envoy_connected", "Envoys with an open ADS stream.", labels=("node",))
-        synced = GaugeMetricFamily("imesh_envoy_config_version", "Config version each connected Envoy fully ACKed.",
-                                   labels=("node",))
-        in_sync = GaugeMetricFamily("imesh_envoy_in_sync", "1 when the Envoy runs the version it should.",
-                                    labels=("node",))
+        synced = GaugeMetricFamily(
+            "imesh_envoy_config_version", "Config version each connected Envoy fully ACKed.", labels=("node",)
+        )
+        in_sync = GaugeMetricFamily(
+            "imesh_envoy_in_sync", "1 when the Envoy runs the version it should.", labels=("node",)
+        )
         sent: dict[str, int] = {}
         for node in self._cache.node_statuses():
             for type_url, count in node.sent.items():
@@ -156,20 +172,30 @@ class _MeshCollector(Collector):
     def _endpoints(self) -> Iterable:
         pools = self._obs.labels.pools
         families = {
-            "waiting": GaugeMetricFamily("imesh_endpoint_queue_requests", "Requests waiting in the replica's queue.",
-                                         labels=("endpoint", "pool")),
-            "running": GaugeMetricFamily("imesh_endpoint_running_requests", "Requests in the replica's running batch.",
-                                         labels=("endpoint", "pool")),
-            "kv_cache": GaugeMetricFamily("imesh_endpoint_kv_cache_usage_ratio", "KV cache in use, 0..1.",
-                                          labels=("endpoint", "pool")),
-            "gpu_util": GaugeMetricFamily("imesh_endpoint_gpu_utilization_ratio",
-                                          "GPU utilization 0..1, where the engine reports it.",
-                                          labels=("endpoint", "pool")),
-            "age_s": GaugeMetricFamily("imesh_endpoint_reading_age_seconds",
-                                       "Seconds since the last successful load scrape (+Inf: never).",
-                                       labels=("endpoint", "pool")),
-            "reachable": GaugeMetricFamily("imesh_endpoint_reachable", "1 when the last load scrape succeeded.",
-                                           labels=("endpoint", "pool")),
+            "waiting": GaugeMetricFamily(
+                "imesh_endpoint_queue_requests", "Requests waiting in the replica's queue.", labels=("endpoint", "pool")
+            ),
+            "running": GaugeMetricFamily(
+                "imesh_endpoint_running_requests",
+                "Requests in the replica's running batch.",
+                labels=("endpoint", "pool"),
+            ),
+            "kv_cache": GaugeMetricFamily(
+                "imesh_endpoint_kv_cache_usage_ratio", "KV cache in use, 0..1.", labels=("endpoint", "pool")
+            ),
+            "gpu_util": GaugeMetricFamily(
+                "imesh_endpoint_gpu_utilization_ratio",
+                "GPU utilization 0..1, where the engine reports it.",
+                labels=("endpoint", "pool"),
+            ),
+            "age_s": GaugeMetricFamily(
+                "imesh_endpoint_reading_age_seconds",
+                "Seconds since the last successful load scrape (+Inf: never).",
+                labels=("endpoint", "pool"),
+            ),
+            "reachable": GaugeMetricFamily(
+                "imesh_endpoint_reachable", "1 when the last load scrape succeeded.", labels=("endpoint", "pool")
+            ),
         }
         for reading in self._load.build_report().endpoints:
             labels = [reading.address, pools.get(reading.address, "none")]
@@ -183,4 +209,3 @@ class _MeshCollector(Collector):
             if reading.gpu_util >= 0:
                 families["gpu_util"].add_metric(labels, reading.gpu_util)
         yield from families.values()
-

@@ -40,34 +40,49 @@ class RequestMetrics:
 
     def __init__(self, registry: CollectorRegistry, labels: MeshLabels | None = None):
         self.requests = Counter(
-            "imesh_requests", "Requests that finished, by where they went and the status the client got.",
-            [*REQUEST_LABELS, "code"], registry=registry,
+            "imesh_requests",
+            "Requests that finished, by where they went and the status the client got.",
+            [*REQUEST_LABELS, "code"],
+            registry=registry,
         )
         self.errors = Counter(
-            "imesh_request_errors", "Requests that failed on the serving side: 5xx, an Envoy upstream failure, or no answer.",
-            REQUEST_LABELS, registry=registry,
+            "imesh_request_errors",
+            "Requests that failed on the serving side: 5xx, an Envoy upstream failure, or no answer.",
+            REQUEST_LABELS,
+            registry=registry,
         )
         self.duration = Histogram(
-            "imesh_request_duration_seconds", "End-to-end request duration as Envoy measured it.",
-            REQUEST_LABELS, buckets=DURATION_BUCKETS, registry=registry,
+            "imesh_request_duration_seconds",
+            "End-to-end request duration as Envoy measured it.",
+            REQUEST_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
         )
         self.ttft = Histogram(
             "imesh_time_to_first_token_seconds",
             "Streamed responses: request start to the first upstream byte (the first token on vLLM).",
-            TOKEN_LABELS, buckets=TTFT_BUCKETS, registry=registry,
+            TOKEN_LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
         )
         self.token_rate = Histogram(
             "imesh_output_tokens_per_second",
             "Sampled responses: output tokens over the generation time (first to last byte when streamed).",
-            TOKEN_LABELS, buckets=TOKEN_RATE_BUCKETS, registry=registry,
+            TOKEN_LABELS,
+            buckets=TOKEN_RATE_BUCKETS,
+            registry=registry,
         )
         self.shed = Counter(
-            "imesh_requests_shed", "Requests refused with 429 because the replicas were saturated.",
-            ("model", "priority"), registry=registry,
+            "imesh_requests_shed",
+            "Requests refused with 429 because the replicas were saturated.",
+            ("model", "priority"),
+            registry=registry,
         )
         self.rate_limited = Counter(
-            "imesh_requests_rate_limited", "Requests refused with 429 by a rate limit.",
-            ("model", "priority"), registry=registry,
+            "imesh_requests_rate_limited",
+            "Requests refused with 429 by a rate limit.",
+            ("model", "priority"),
+            registry=registry,
         )
         self._labels = labels or MeshLabels()
         # label tuple -> pre-bound children, built on first use (labels() takes a lock and hashes)
@@ -144,7 +159,8 @@ class RequestMetrics:
             token_children = self._token_children.get(token_key)
             if token_children is None:
                 token_children = self._token_children[token_key] = (
-                    self.ttft.labels(*token_key), self.token_rate.labels(*token_key)
+                    self.ttft.labels(*token_key),
+                    self.token_rate.labels(*token_key),
                 )
             if streamed_ttft:
                 _observe(token_children[0], record.ttft_s, weight)

@@ -24,26 +24,26 @@ log = logging.getLogger("imesh.records")
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
-    model: str            # a model of the spec; "other" for a name the spec lacks; "" when none was identified
-    version: str          # "" when the request never reached a version
-    endpoint: str         # "ip:port" of the replica that served, "" if none
-    pool: str             # the endpoint's pool in the spec, "" if none
-    priority: str         # the spec's priority class it was treated as (none or an unknown name: the default)
-    status: int           # HTTP status returned to the client (0 if the client went away first)
-    duration_s: float     # request start to last byte sent downstream
+    model: str  # a model of the spec; "other" for a name the spec lacks; "" when none was identified
+    version: str  # "" when the request never reached a version
+    endpoint: str  # "ip:port" of the replica that served, "" if none
+    pool: str  # the endpoint's pool in the spec, "" if none
+    priority: str  # the spec's priority class it was treated as (none or an unknown name: the default)
+    status: int  # HTTP status returned to the client (0 if the client went away first)
+    duration_s: float  # request start to last byte sent downstream
     ttft_s: float | None  # request start to first upstream response byte: time to first token when streaming
     upstream_failure: bool  # Envoy's own failure flags (no healthy host, connect failure, reset, timeout)
-    shed: bool            # refused by the mesh with 429 because replicas are saturated
+    shed: bool  # refused by the mesh with 429 because replicas are saturated
     request_bytes: int
     response_bytes: int
     output_tokens: int | None = None  # when known: only for the sampled fraction (docs/observability.md)
     streamed: bool = False  # the response was a stream (text/event-stream): ttft_s is a real TTFT
     generation_s: float | None = None  # first to last upstream response byte (the decode phase when streamed)
     rate_limited: bool = False  # refused with 429 by a rate limit (not by saturation)
-    details: str = ""     # Envoy's response code details, e.g. "via_upstream", "imesh_overloaded"
+    details: str = ""  # Envoy's response code details, e.g. "via_upstream", "imesh_overloaded"
     request_id: str = ""  # x-request-id, to find the line in Envoy's JSON access log
-    node: str = ""        # the Envoy that served it
-    weight: int = 1       # requests it stands for: N for a fast-path success Envoy logged 1 in N of
+    node: str = ""  # the Envoy that served it
+    weight: int = 1  # requests it stands for: N for a fast-path success Envoy logged 1 in N of
 
     @property
     def error(self) -> bool:

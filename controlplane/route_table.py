@@ -22,8 +22,9 @@ def _entry(route: route_components_pb2.Route) -> mesh_pb2.RouteEntry:
     sticky = ""
     if route.HasField("route"):
         sticky = ",".join(p.header.header_name for p in route.route.hash_policy if p.HasField("header"))
-    return mesh_pb2.RouteEntry(name=route.name, match=_match(route.match), destination=_destination(route),
-                               sticky_header=sticky)
+    return mesh_pb2.RouteEntry(
+        name=route.name, match=_match(route.match), destination=_destination(route), sticky_header=sticky
+    )
 
 
 def _match(match: route_components_pb2.RouteMatch) -> str:

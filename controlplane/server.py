@@ -59,9 +59,13 @@ class ControlPlane:
         self.tables: Latest[mesh_pb2.RoutingTable] = Latest()
         self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)
         # Access-log records, /metrics and status traffic (docs/observability.md).
-        self.observability = Observability(self.cache, self.load_monitor, lambda: self.config_version,
-                                           stats_window_s=config.stats_window_s,
-                                           log_sample=config.envoy.fast_path_log_sample)
+        self.observability = Observability(
+            self.cache,
+            self.load_monitor,
+            lambda: self.config_version,
+            stats_window_s=config.stats_window_s,
+            log_sample=config.envoy.fast_path_log_sample,
+        )
         self.request_records = self.observability.records  # add_sink(fn) to receive every RequestRecord
         self._rebuild_requested = asyncio.Event()
         self._rebuilt = asyncio.Condition()
@@ -87,8 +91,12 @@ class ControlPlane:
         self._tasks.append(asyncio.create_task(self._follow_load()))
         self.request_records.add_sink(self.canary.windows)  # canary gates judge the access-log records
         self.canary.start()  # resumes a progressive canary where the persisted state left it
-        log.info("control plane serving on %s:%d, config version %d",
-                 self.config.host, self.config.grpc_port, self.config_version)
+        log.info(
+            "control plane serving on %s:%d, config version %d",
+            self.config.host,
+            self.config.grpc_port,
+            self.config_version,
+        )
 
     async def stop(self) -> None:
         await self.canary.stop()
@@ -207,8 +215,9 @@ class ControlPlane:
             if synced:
                 return None
             if time.monotonic() > deadline:
-                log.warning("config version %s not yet ACKed by every Envoy after %.0fs", version,
-                            self.config.ack_timeout_s)
+                log.warning(
+                    "config version %s not yet ACKed by every Envoy after %.0fs", version, self.config.ack_timeout_s
+                )
                 return None
             await asyncio.sleep(0.01)
 

@@ -197,10 +197,10 @@ def resources_by_type(resources: object) -> dict[str, dict[str, Message]]:
     """`Snapshot.resources` from an object with `clusters`, `endpoints`, `listeners` and `routes`
     (name → message mappings or message lists), such as translate_envoy's EnvoyResources."""
     return {
-        CLUSTER: _by_name(getattr(resources, "clusters")),
-        ENDPOINT: _by_name(getattr(resources, "endpoints")),
-        LISTENER: _by_name(getattr(resources, "listeners")),
-        ROUTE: _by_name(getattr(resources, "routes")),
+        CLUSTER: _by_name(resources.clusters),
+        ENDPOINT: _by_name(resources.endpoints),
+        LISTENER: _by_name(resources.listeners),
+        ROUTE: _by_name(resources.routes),
     }
 
 

@@ -88,7 +88,8 @@ class ABSpec(_Strict):
         default=None, description="overrides defaults.sticky_header for this model; '' turns stickiness off"
     )
     allow_version_override: bool = Field(
-        default=False, description="honour the client's defaults.version_header (e.g. x-model-version) to force a version"
+        default=False,
+        description="honour the client's defaults.version_header (e.g. x-model-version) to force a version",
     )
 
     @field_validator("sticky_header")
@@ -219,9 +220,7 @@ class MeshSpec(_Strict):
                         problems.append(f"{where}.pool: unknown pool {endpoint.pool!r}; defined: {sorted(pools)}")
                     owner = f"{model.name}/{version.name}"
                     if seen.setdefault(endpoint.address, owner) != owner:
-                        problems.append(
-                            f"{where}.address: {endpoint.address} already serves {seen[endpoint.address]}"
-                        )
+                        problems.append(f"{where}.address: {endpoint.address} already serves {seen[endpoint.address]}")
         if self.defaults.priority not in {p.name for p in self.priorities}:
             problems.append(f"defaults.priority: {self.defaults.priority!r} is not a priority class")
         if problems:

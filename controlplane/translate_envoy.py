@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
@@ -31,7 +32,6 @@ from envoy.config.core.v3 import (
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -83,7 +83,9 @@ class EnvoyResources:
     routes: dict[str, route_pb2.RouteConfiguration]
 
 
-def translate(model: MeshModel, options: EnvoyOptions = EnvoyOptions(), memo: TranslationMemo | None = None) -> EnvoyResources:
+def translate(
+    model: MeshModel, options: EnvoyOptions = EnvoyOptions(), memo: TranslationMemo | None = None
+) -> EnvoyResources:
     """With a `memo` (controlplane/translate_memo.py), versions and models equal to the last build's
     get the same message objects back, so a one-endpoint change rebuilds one ClusterLoadAssignment."""
     memo = memo or NO_MEMO
@@ -206,9 +208,7 @@ def _cluster_template(upstream_protocol: str) -> cluster_pb2.Cluster:
             base_ejection_time=_seconds(5.0),
             max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
         ),
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)
-        },
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)},
     )
 
 
@@ -337,9 +337,7 @@ def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
             hcm_pb2.ResponseMapper(
                 filter=upstream_failure,
                 status_code=wrappers_pb2.UInt32Value(value=503),
-                body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
-                    json_format=envelope
-                ),
+                body_format_override=substitution_format_string_pb2.SubstitutionFormatString(json_format=envelope),
                 headers_to_add=[_header("retry-after", "1")],
             )
         ]
@@ -373,7 +371,11 @@ def translate_routes(model: MeshModel, memo: TranslationMemo | None = None) -> r
 
 def _direct_body_limit(routes: list[route_components_pb2.Route]) -> int:
     largest = max(
-        (len(r.direct_response.body.inline_string.encode()) for r in routes if r.WhichOneof("action") == "direct_response"),
+        (
+            len(r.direct_response.body.inline_string.encode())
+            for r in routes
+            if r.WhichOneof("action") == "direct_response"
+        ),
         default=0,
     )
     return max(4096, largest)
@@ -384,7 +386,9 @@ def _models_list_route(model: MeshModel) -> route_components_pb2.Route:
     body = json.dumps(
         {
             "object": "list",
-            "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "inference-mesh"} for m in model.models],
+            "data": [
+                {"id": m.name, "object": "model", "created": 0, "owned_by": "inference-mesh"} for m in model.models
+            ],
         }
     )
     return route_components_pb2.Route(
@@ -423,7 +427,9 @@ def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.
         routes.append(
             _route(
                 f"{m.name}/{v.name}/pinned",
-                route_components_pb2.RouteMatch(prefix="/", headers=[exact(MODEL_HEADER, m.name), exact(VERSION_HEADER, v.name)]),
+                route_components_pb2.RouteMatch(
+                    prefix="/", headers=[exact(MODEL_HEADER, m.name), exact(VERSION_HEADER, v.name)]
+                ),
                 _version_action(m, v, model),
                 m,
                 model,
@@ -431,7 +437,15 @@ def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.
             )
         )
     split = _weighted_action(m, model)
-    routes.append(_route(f"{m.name}", route_components_pb2.RouteMatch(prefix="/", headers=[exact(MODEL_HEADER, m.name)]), split, m, model))
+    routes.append(
+        _route(
+            f"{m.name}",
+            route_components_pb2.RouteMatch(prefix="/", headers=[exact(MODEL_HEADER, m.name)]),
+            split,
+            m,
+            model,
+        )
+    )
     # Fail-open matches: used only when the picker did not run (down or timed out).
     for v in m.versions:
         routes.append(
@@ -444,11 +458,21 @@ def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.
                 pinned=v,
             )
         )
-    routes.append(_route(f"{m.name}/kserve-path", route_components_pb2.RouteMatch(prefix=f"/v2/models/{m.name}/"), split, m, model))
+    routes.append(
+        _route(
+            f"{m.name}/kserve-path", route_components_pb2.RouteMatch(prefix=f"/v2/models/{m.name}/"), split, m, model
+        )
+    )
     if m.allow_version_override:
         routes += _forced_version_routes(m, model)
     routes.append(
-        _route(f"{m.name}/header", route_components_pb2.RouteMatch(prefix="/", headers=[exact("x-model-id", m.name)]), split, m, model)
+        _route(
+            f"{m.name}/header",
+            route_components_pb2.RouteMatch(prefix="/", headers=[exact("x-model-id", m.name)]),
+            split,
+            m,
+            model,
+        )
     )
     if m.routing_mode == "fast":
         # Fast path: a request whose own header or path names this model skips the ext_proc and

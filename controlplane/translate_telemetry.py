@@ -120,12 +120,16 @@ def log_filter(options) -> accesslog_pb2.AccessLogFilter | None:
         ),
         use_independent_randomness=True,  # not x-request-id's hash: the same request id must not bias the sample
     )
-    return accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=[
-        accesslog_pb2.AccessLogFilter(metadata_filter=picked),  # first: true at once on picker routes
-        accesslog_pb2.AccessLogFilter(status_code_filter=failed),
-        accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter()),  # any flag
-        accesslog_pb2.AccessLogFilter(runtime_filter=sampled),
-    ]))
+    return accesslog_pb2.AccessLogFilter(
+        or_filter=accesslog_pb2.OrFilter(
+            filters=[
+                accesslog_pb2.AccessLogFilter(metadata_filter=picked),  # first: true at once on picker routes
+                accesslog_pb2.AccessLogFilter(status_code_filter=failed),
+                accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter()),  # any flag
+                accesslog_pb2.AccessLogFilter(runtime_filter=sampled),
+            ]
+        )
+    )
 
 
 def access_logs(options) -> list[accesslog_pb2.AccessLog]:
@@ -145,9 +149,11 @@ def access_logs(options) -> list[accesslog_pb2.AccessLog]:
             additional_request_headers_to_log=list(ALS_REQUEST_HEADERS),
             additional_response_headers_to_log=list(ALS_RESPONSE_HEADERS),
         )
-        logs.append(accesslog_pb2.AccessLog(
-            name="envoy.access_loggers.http_grpc", filter=log_filter_, typed_config=_any(grpc_log)
-        ))
+        logs.append(
+            accesslog_pb2.AccessLog(
+                name="envoy.access_loggers.http_grpc", filter=log_filter_, typed_config=_any(grpc_log)
+            )
+        )
     if options.access_log_path:
         fmt = struct_pb2.Struct()
         fmt.update(JSON_LOG_FORMAT)
@@ -155,9 +161,9 @@ def access_logs(options) -> list[accesslog_pb2.AccessLog]:
             path=options.access_log_path,
             log_format=sfs_pb2.SubstitutionFormatString(json_format=fmt),
         )
-        logs.append(accesslog_pb2.AccessLog(
-            name="envoy.access_loggers.file", filter=log_filter_, typed_config=_any(file_log)
-        ))
+        logs.append(
+            accesslog_pb2.AccessLog(name="envoy.access_loggers.file", filter=log_filter_, typed_config=_any(file_log))
+        )
     return logs
 
 
@@ -210,9 +216,7 @@ def otel_cluster(options) -> cluster_pb2.Cluster | None:
                 )
             ],
         ),
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)
-        },
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)},
     )
 
 

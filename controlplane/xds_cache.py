@@ -264,7 +264,9 @@ class SnapshotCache:
             return  # an older version, already superseded: nothing to undo
         node.rejected.add(version)
         if node.revert is not None and version == node.revert.version:
-            log.error("Envoy %s rejected the rollback %s too: parking, Envoy keeps its current config", node_id, version)
+            log.error(
+                "Envoy %s rejected the rollback %s too: parking, Envoy keeps its current config", node_id, version
+            )
         elif node.good is None:
             log.error("Envoy %s rejected %s and has no known-good config: parking", node_id, version)
         else:

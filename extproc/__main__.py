@@ -26,16 +26,25 @@ from extproc.worker import run_worker
 log = logging.getLogger("imesh.extproc")
 RESTART_INTERVAL_S = 1.0
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m extproc", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=_ports, default=[18001],
-                        help="gRPC port, or one per worker (A,B,...); a single port P gives worker i port P+i")
+    parser.add_argument(
+        "--port",
+        type=_ports,
+        default=[18001],
+        help="gRPC port, or one per worker (A,B,...); a single port P gives worker i port P+i",
+    )
     parser.add_argument("--metrics-port", type=int, default=9091)
     parser.add_argument("--control-plane", default="127.0.0.1:18000", help="control plane gRPC address")
     parser.add_argument("--workers", type=int, default=1, help="processes, one core each (module docstring)")
-    parser.add_argument("--token-sample-rate", type=float, default=0.02,
-                        help="fraction of generation requests whose output tokens are counted (docs/observability.md)")
+    parser.add_argument(
+        "--token-sample-rate",
+        type=float,
+        default=0.02,
+        help="fraction of generation requests whose output tokens are counted (docs/observability.md)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.workers < 1:

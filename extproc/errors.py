@@ -101,7 +101,9 @@ def model_not_found(name: str) -> RequestError:
 
 
 def body_too_large(size: int, limit: int) -> RequestError:
-    return RequestError(413, "request_too_large", f"the request body is {size} bytes; this mesh accepts at most {limit}")
+    return RequestError(
+        413, "request_too_large", f"the request body is {size} bytes; this mesh accepts at most {limit}"
+    )
 
 
 def version_not_found(model: str, version: str) -> RequestError:

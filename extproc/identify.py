@@ -169,7 +169,7 @@ def parse_body(body: bytes, max_bytes: int = 0) -> BodyInfo:
     if max_bytes and len(body) > max_bytes:
         raise body_too_large(len(body), max_bytes)
     if not body:
-        raise RequestError(400, "invalid_json", "the request body is empty; expected a JSON object with a \"model\"")
+        raise RequestError(400, "invalid_json", 'the request body is empty; expected a JSON object with a "model"')
     try:
         doc = json.loads(body)
     except json.JSONDecodeError as exc:
@@ -181,9 +181,7 @@ def parse_body(body: bytes, max_bytes: int = 0) -> BodyInfo:
     except (ValueError, RecursionError) as exc:  # bad UTF-8, absurd nesting
         raise RequestError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
     if type(doc) is not dict:
-        raise RequestError(
-            400, "invalid_json", f"the request body must be a JSON object, got a JSON {_json_kind(doc)}"
-        )
+        raise RequestError(400, "invalid_json", f"the request body must be a JSON object, got a JSON {_json_kind(doc)}")
     model = doc.get("model")
     if type(model) is not str or not model:
         raise RequestError(

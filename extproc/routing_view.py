@@ -65,9 +65,7 @@ class VersionView:
         self.cluster: str = v.cluster
         self.context_window: int = v.context_window  # 0 = unknown
         self.engine: str = v.engine
-        self.endpoints: tuple[EndpointView, ...] = tuple(
-            EndpointView(e, model, v.name, v.cluster) for e in v.endpoints
-        )
+        self.endpoints: tuple[EndpointView, ...] = tuple(EndpointView(e, model, v.name, v.cluster) for e in v.endpoints)
 
     def __repr__(self) -> str:
         return f"VersionView({self.name!r}, weight={self.weight}, endpoints={len(self.endpoints)})"
@@ -121,8 +119,7 @@ class PriorityView:
 
     def __repr__(self) -> str:
         return (
-            f"PriorityView({self.name!r}, rank={self.rank}, tiers={self.preferred_tiers}, "
-            f"shed={self.shed_threshold})"
+            f"PriorityView({self.name!r}, rank={self.rank}, tiers={self.preferred_tiers}, shed={self.shed_threshold})"
         )
 
 
@@ -159,7 +156,12 @@ class ScoringView:
     @classmethod
     def from_proto(cls, s: mesh_pb2.Scoring) -> ScoringView:
         return cls(
-            s.queue_weight, s.kv_cache_weight, s.inflight_weight, s.saturation_queue, s.saturation_kv, s.stale_after_s,
+            s.queue_weight,
+            s.kv_cache_weight,
+            s.inflight_weight,
+            s.saturation_queue,
+            s.saturation_kv,
+            s.stale_after_s,
             s.latency_weight,
         )
 

@@ -34,8 +34,13 @@ log = logging.getLogger("imesh.extproc")
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
-    def __init__(self, view: MeshView, picker: Picker | None = None, metrics: ExtprocMetrics | None = None,
-                 token_sample_rate: float = 0.0):
+    def __init__(
+        self,
+        view: MeshView,
+        picker: Picker | None = None,
+        metrics: ExtprocMetrics | None = None,
+        token_sample_rate: float = 0.0,
+    ):
         self._view = view
         self._picker = picker or Picker()
         self._metrics = metrics or ExtprocMetrics(enabled=False)
@@ -77,8 +82,14 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if identity.models_query is not None:
             return identity, self._models_response(identity.models_query)
         if identity.model is not None:
-            return identity, self._route(identity.model, identity.version, identity.priority, 0, body_phase=False,
-                                         requested=identity.requested_version)
+            return identity, self._route(
+                identity.model,
+                identity.version,
+                identity.priority,
+                0,
+                body_phase=False,
+                requested=identity.requested_version,
+            )
         if identity.needs_body:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > routing.max_body_bytes:
@@ -98,13 +109,26 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         except RequestError as error:
             self._metrics.refused(routing, None, identity.priority, error.code)
             return immediate(error)
-        return self._route(info.model, info.version or identity.version, identity.priority, info.tokens, body_phase=True,
-                           requested=identity.requested_version)
+        return self._route(
+            info.model,
+            info.version or identity.version,
+            identity.priority,
+            info.tokens,
+            body_phase=True,
+            requested=identity.requested_version,
+        )
 
     # ------------------------------------------------------------ decisions
 
-    def _route(self, model: str, version: str | None, priority: str | None, tokens: int, body_phase: bool,
-               requested: str | None = None):
+    def _route(
+        self,
+        model: str,
+        version: str | None,
+        priority: str | None,
+        tokens: int,
+        body_phase: bool,
+        requested: str | None = None,
+    ):
         view = self._view
         if requested is not None and version is None:
             # A forced version (A/B testing) only where the spec allows it; elsewhere the header is
@@ -112,8 +136,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             m = view.routing.model(model)
             if m is not None and m.allow_version_override:
                 version = requested
-        result = self._picker.pick(view.routing, view.load, model, priority, view.recent_picks,
-                                   version=version, tokens=tokens)
+        result = self._picker.pick(
+            view.routing, view.load, model, priority, view.recent_picks, version=version, tokens=tokens
+        )
         if type(result) is not Pick:
             self._metrics.refused(view.routing, model, priority, result.code)
             return note_model(immediate(result.error()), model)  # the access log's model for it

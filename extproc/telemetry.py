@@ -41,18 +41,27 @@ class ExtprocMetrics:
         if not self.enabled:
             return
         self._decision = Histogram(
-            "imesh_extproc_decision_seconds", "Time the ext_proc spends answering one phase of a request.",
-            ("phase",), buckets=DECISION_BUCKETS, registry=registry,
+            "imesh_extproc_decision_seconds",
+            "Time the ext_proc spends answering one phase of a request.",
+            ("phase",),
+            buckets=DECISION_BUCKETS,
+            registry=registry,
         )
-        self._picks = Counter("imesh_extproc_picks", "Requests routed with a pick, by model and priority class.",
-                              ("model", "priority"), registry=registry)
+        self._picks = Counter(
+            "imesh_extproc_picks",
+            "Requests routed with a pick, by model and priority class.",
+            ("model", "priority"),
+            registry=registry,
+        )
         self._refusals = Counter(
             "imesh_extproc_refusals",
             "Requests the ext_proc answered itself, by reason (overloaded = shed for saturation).",
-            ("model", "priority", "reason"), registry=registry,
+            ("model", "priority", "reason"),
+            registry=registry,
         )
-        self._token_samples = Counter("imesh_extproc_token_samples", "Responses whose output tokens were counted.",
-                                      registry=registry)
+        self._token_samples = Counter(
+            "imesh_extproc_token_samples", "Responses whose output tokens were counted.", registry=registry
+        )
         self._phases: dict[str, object] = {}
         # Raw (model, priority) as the request named them -> pre-bound child, for the current routing
         # table only (a table change can turn a model into "other"); cleared if clients send junk.
@@ -118,12 +127,18 @@ class _ViewCollector(Collector):
 
     def collect(self):
         view = self._view
-        yield GaugeMetricFamily("imesh_extproc_routing_table_version", "Config version of the routing table in use.",
-                                value=view.table_version)
+        yield GaugeMetricFamily(
+            "imesh_extproc_routing_table_version",
+            "Config version of the routing table in use.",
+            value=view.table_version,
+        )
         load = view.load
         age = time.monotonic() - load.received_at if load is not None else math.inf
-        yield GaugeMetricFamily("imesh_extproc_load_report_age_seconds",
-                                "Seconds since the last live load report arrived (+Inf: none yet).", value=age)
+        yield GaugeMetricFamily(
+            "imesh_extproc_load_report_age_seconds",
+            "Seconds since the last live load report arrived (+Inf: none yet).",
+            value=age,
+        )
 
 
 def _labels(routing, model: str | None, priority: str | None) -> tuple[str, str]:
@@ -242,6 +257,12 @@ class TokenMeter:
                 self._usage = usage["completion_tokens"]
             for choice in obj.get("choices") or ():
                 delta = choice.get("delta") if isinstance(choice, dict) else None
-                text = delta.get("content") if isinstance(delta, dict) else choice.get("text") if isinstance(choice, dict) else None
+                text = (
+                    delta.get("content")
+                    if isinstance(delta, dict)
+                    else choice.get("text")
+                    if isinstance(choice, dict)
+                    else None
+                )
                 if text:
                     self._chunks += 1

@@ -55,9 +55,12 @@ async def _first_table(sync: ControlPlaneSync, control_plane: str) -> None:
     down does not keep the worker out for ever: after FIRST_TABLE_WAIT_S it passes requests through."""
     try:
         await asyncio.wait_for(sync.table_received.wait(), FIRST_TABLE_WAIT_S)
-    except asyncio.TimeoutError:
-        log.warning("no routing table from %s after %.0f s: serving without one (requests pass through)",
-                    control_plane, FIRST_TABLE_WAIT_S)
+    except TimeoutError:
+        log.warning(
+            "no routing table from %s after %.0f s: serving without one (requests pass through)",
+            control_plane,
+            FIRST_TABLE_WAIT_S,
+        )
 
 
 async def serve(args: argparse.Namespace, worker: int) -> None:

@@ -20,8 +20,12 @@ from fleet.runner import start_fleet
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fleet", description="Run a simulated GPU fleet.")
     p.add_argument("--config", "-c", required=True, help="fleet YAML file")
-    p.add_argument("--time-scale", type=float, default=None,
-                   help="multiply every simulated duration (0.1 = 10x faster); overrides the config")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="multiply every simulated duration (0.1 = 10x faster); overrides the config",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for text and error injection; overrides the config")
     p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
@@ -52,8 +56,9 @@ async def _serve(config: FleetConfig, time_scale: float | None, seed: int | None
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = FleetConfig.load(args.config)
     except FleetConfigError as exc:

@@ -108,8 +108,15 @@ class ReplicaConfig(BaseModel):
 
 
 _POSITIVE_INTS = frozenset(
-    {"max_num_seqs", "kv_capacity_tokens", "max_model_len", "block_size", "prefix_cache_blocks",
-     "memory_total_mib", "weights_mib"}
+    {
+        "max_num_seqs",
+        "kv_capacity_tokens",
+        "max_model_len",
+        "block_size",
+        "prefix_cache_blocks",
+        "memory_total_mib",
+        "weights_mib",
+    }
 )
 
 

@@ -56,9 +56,21 @@ class Sequence:
     """One request inside the engine. Await ``wait()`` or iterate ``stream()``."""
 
     __slots__ = (
-        "id", "model", "prompt_tokens", "block_hashes", "max_tokens", "limit_reason",
-        "arrival", "admitted_at", "first_token_at", "finished_at", "generated",
-        "cached_tokens", "finish_reason", "_queue", "_done",
+        "id",
+        "model",
+        "prompt_tokens",
+        "block_hashes",
+        "max_tokens",
+        "limit_reason",
+        "arrival",
+        "admitted_at",
+        "first_token_at",
+        "finished_at",
+        "generated",
+        "cached_tokens",
+        "finish_reason",
+        "_queue",
+        "_done",
     )
 
     def __init__(
@@ -215,8 +227,14 @@ class Engine:
         self.check_fits(prompt_tokens, max_tokens)
         self._next_id += 1
         seq = Sequence(
-            self._next_id, model, prompt_tokens, block_hashes, max_tokens, limit_reason,
-            asyncio.get_running_loop().time(), streaming,
+            self._next_id,
+            model,
+            prompt_tokens,
+            block_hashes,
+            max_tokens,
+            limit_reason,
+            asyncio.get_running_loop().time(),
+            streaming,
         )
         self._waiting.append(seq)
         self._wake.set()

@@ -14,8 +14,15 @@ from aiohttp import web
 class ApiError(Exception):
     """Raised by handlers; the replica's middleware renders it for the route's protocol."""
 
-    def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -39,8 +46,14 @@ def default_type(status: int) -> str:
     return "invalid_request_error"
 
 
-def openai_error(status: int, message: str, *, type: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> web.Response:
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     body = {"error": {"type": type or default_type(status), "message": message, "code": code, "param": None}}
     return web.json_response(body, status=status, headers=headers)
 

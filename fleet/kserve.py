@@ -26,8 +26,18 @@ HEADER_LEN = "Inference-Header-Content-Length"
 
 # struct codes of the fixed-size datatypes; BF16 is handled by bit shifting FP32.
 _FORMATS = {
-    "BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "INT8": "b",
-    "INT16": "h", "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d",
+    "BOOL": "?",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "FP16": "e",
+    "FP32": "f",
+    "FP64": "d",
 }
 DATATYPES = frozenset(_FORMATS) | {"BF16", "BYTES"}
 
@@ -57,8 +67,9 @@ def _model(replica: Replica, request: web.Request) -> tuple[str, str]:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return web.json_response({"name": "imesh-fleet", "version": "0.1.0",
-                              "extensions": ["binary_tensor_data", "model_repository"]})
+    return web.json_response(
+        {"name": "imesh-fleet", "version": "0.1.0", "extensions": ["binary_tensor_data", "model_repository"]}
+    )
 
 
 async def live(request: web.Request) -> web.Response:
@@ -73,13 +84,15 @@ async def ready(request: web.Request) -> web.Response:
 async def model_metadata(request: web.Request) -> web.Response:
     replica = replica_of(request)
     name, version = _model(replica, request)
-    return web.json_response({
-        "name": name,
-        "versions": [version],
-        "platform": "imesh-sim",
-        "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
-    })
+    return web.json_response(
+        {
+            "name": name,
+            "versions": [version],
+            "platform": "imesh-sim",
+            "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
+        }
+    )
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -165,8 +178,9 @@ def parse_request(raw: bytes, header_len: str | None) -> tuple[dict[str, Any], l
         dtype, shape = inp.get("datatype"), inp.get("shape")
         if dtype not in DATATYPES:
             raise ApiError(400, f"{where}: unsupported datatype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise ApiError(400, f"{where}: `shape` must be a list of non-negative integers")
         size = (inp.get("parameters") or {}).get("binary_data_size")
         if size is not None:
@@ -174,8 +188,9 @@ def parse_request(raw: bytes, header_len: str | None) -> tuple[dict[str, Any], l
                 raise ApiError(400, f"{where}: binary_data_size {size!r} exceeds the binary data")
             t = Tensor(inp["name"], dtype, shape, None, blob[pos : pos + size])
             pos += size
-            if dtype not in ("BYTES",) and len(t.raw or b"") != t.count * (2 if dtype == "BF16"
-                                                                          else struct.calcsize(_FORMATS[dtype])):
+            if dtype not in ("BYTES",) and len(t.raw or b"") != t.count * (
+                2 if dtype == "BF16" else struct.calcsize(_FORMATS[dtype])
+            ):
                 raise ApiError(400, f"{where}: {size} bytes do not match shape {shape} of {dtype}")
         else:
             if "data" not in inp:
@@ -194,14 +209,14 @@ async def infer(request: web.Request) -> web.Response:
     body, tensors = parse_request(await request.read(), request.headers.get(HEADER_LEN))
 
     requested = body.get("outputs")
-    if requested is not None and (not isinstance(requested, list)
-                                  or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                             for o in requested)):
+    if requested is not None and (
+        not isinstance(requested, list)
+        or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested)
+    ):
         raise ApiError(400, "`outputs` must be a list of objects with a string `name`")
     binary_default = bool((body.get("parameters") or {}).get("binary_data_output"))
     if requested:
-        outs = [(o["name"], bool((o.get("parameters") or {}).get("binary_data", binary_default)))
-                for o in requested]
+        outs = [(o["name"], bool((o.get("parameters") or {}).get("binary_data", binary_default))) for o in requested]
     else:
         outs = [(f"OUTPUT{i}", binary_default) for i in range(len(tensors))]
 

@@ -22,12 +22,74 @@ from prometheus_client.registry import Collector
 from fleet.engine import Engine, Sequence
 
 # vLLM's own bucket boundaries.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,25 +104,38 @@ class ReplicaMetrics:
         lbl = ["model_name"]
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", lbl, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", lbl, registry=r)
-        self.prefix_queries = Counter(
-            "vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", lbl, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", lbl, registry=r)
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", lbl, registry=r)
         self.request_success = Counter(
-            "vllm:request_success", "Finished requests.", ["model_name", "finished_reason"], registry=r)
+            "vllm:request_success", "Finished requests.", ["model_name", "finished_reason"], registry=r
+        )
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token.", lbl, buckets=TTFT_BUCKETS, registry=r)
+            "vllm:time_to_first_token_seconds", "Time to first token.", lbl, buckets=TTFT_BUCKETS, registry=r
+        )
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", lbl, buckets=E2E_BUCKETS,
-            registry=r)
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", lbl, buckets=E2E_BUCKETS, registry=r
+        )
         self.tpot = Histogram(
-            "vllm:time_per_output_token_seconds", "Mean time per output token of a request.", lbl,
-            buckets=TPOT_BUCKETS, registry=r)
+            "vllm:time_per_output_token_seconds",
+            "Mean time per output token of a request.",
+            lbl,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
         self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds", "Time spent waiting in the queue.", lbl,
-            buckets=E2E_BUCKETS, registry=r)
+            "vllm:request_queue_time_seconds", "Time spent waiting in the queue.", lbl, buckets=E2E_BUCKETS, registry=r
+        )
         for m in self.models:  # make every series visible from the first scrape
-            for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries,
-                           self.prefix_hits, self.ttft, self.e2e, self.tpot, self.queue_time):
+            for metric in (
+                self.prompt_tokens,
+                self.generation_tokens,
+                self.prefix_queries,
+                self.prefix_hits,
+                self.ttft,
+                self.e2e,
+                self.tpot,
+                self.queue_time,
+            ):
                 metric.labels(model_name=m)
 
     def bind(self, engine: Engine) -> None:
@@ -92,8 +167,7 @@ class ReplicaMetrics:
         self.e2e.labels(model_name=model).observe(seq.finished_at - seq.arrival)
         self.queue_time.labels(model_name=model).observe(seq.admitted_at - seq.arrival)
         if seq.generated > 1 and seq.first_token_at is not None:
-            self.tpot.labels(model_name=model).observe(
-                (seq.finished_at - seq.first_token_at) / (seq.generated - 1))
+            self.tpot.labels(model_name=model).observe((seq.finished_at - seq.first_token_at) / (seq.generated - 1))
 
 
 class _LiveGauges(Collector):
@@ -109,16 +183,19 @@ class _LiveGauges(Collector):
         p = e.profile
         waiting_by, running_by = e.counts_by_model()
         kv = e.kv_usage
-        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be processed.",
-                                    labels=["model_name"])
-        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.",
-                                    labels=["model_name"])
-        kv_new = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent.",
-                                   labels=["model_name"])
-        kv_old = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "GPU KV-cache usage (older name).",
-                                   labels=["model_name"])
-        slots = GaugeMetricFamily("vllm:num_requests_max", "Batch slots (max_num_seqs).",
-                                  labels=["model_name"])
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting to be processed.", labels=["model_name"]
+        )
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests in the running batch.", labels=["model_name"]
+        )
+        kv_new = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent.", labels=["model_name"]
+        )
+        kv_old = GaugeMetricFamily(
+            "vllm:gpu_cache_usage_perc", "GPU KV-cache usage (older name).", labels=["model_name"]
+        )
+        slots = GaugeMetricFamily("vllm:num_requests_max", "Batch slots (max_num_seqs).", labels=["model_name"])
         for i, m in enumerate(self.models):
             extra = e.faults.extra_waiting if i == 0 else 0
             waiting.add_metric([m], waiting_by.get(m, 0) + extra)

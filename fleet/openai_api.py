@@ -129,8 +129,7 @@ def token_lists(value: Any, field: str) -> list[tuple[list[str], str]]:
             return [(tokenize(x), x) for x in value]
         if all(is_ids(x) for x in value):
             return [([f"#{t}" for t in x], " ".join(map(str, x))) for x in value]
-    raise ApiError(400, f"`{field}` must be a string, a list of strings or token id list(s)",
-                   code="invalid_request")
+    raise ApiError(400, f"`{field}` must be a string, a list of strings or token id list(s)", code="invalid_request")
 
 
 # ---- response pieces ----------------------------------------------------------------------
@@ -170,8 +169,18 @@ async def run_sse(
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
     except EngineStopped as exc:  # headers are gone: report in-stream, as vLLM does
-        await resp.write(sse({"error": {"type": "server_error", "message": f"replica is stopping: {exc}",
-                                        "code": "unavailable", "param": None}}))
+        await resp.write(
+            sse(
+                {
+                    "error": {
+                        "type": "server_error",
+                        "message": f"replica is stopping: {exc}",
+                        "code": "unavailable",
+                        "param": None,
+                    }
+                }
+            )
+        )
         await resp.write_eof()
     finally:
         if not seq.finished:
@@ -204,35 +213,47 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await seq.wait()
         finally:
             replica.engine.abort(seq)  # no-op when finished; frees the slot if we were cancelled
-        return web.json_response({
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": generated_text(key, seq.generated)},
-                "logprobs": None,
-                "finish_reason": seq.finish_reason,
-            }],
-            "usage": usage(seq.prompt_tokens, seq.generated, seq.cached_tokens),
-            "system_fingerprint": None,
-        })
+        return web.json_response(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": generated_text(key, seq.generated)},
+                        "logprobs": None,
+                        "finish_reason": seq.finish_reason,
+                    }
+                ],
+                "usage": usage(seq.prompt_tokens, seq.generated, seq.cached_tokens),
+                "system_fingerprint": None,
+            }
+        )
 
     def per_token(i: int) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": {"content": generated_word(key, i)},
-                                     "logprobs": None, "finish_reason": None}]}
+        return {
+            **base,
+            "choices": [
+                {"index": 0, "delta": {"content": generated_word(key, i)}, "logprobs": None, "finish_reason": None}
+            ],
+        }
 
     def last() -> list[dict[str, Any]]:
-        out = [{**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                     "finish_reason": seq.finish_reason}]}]
+        out = [{**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": seq.finish_reason}]}]
         if include_usage:
-            out.append({**base, "choices": [], "usage": usage(seq.prompt_tokens, seq.generated,
-                                                             seq.cached_tokens)})
+            out.append({**base, "choices": [], "usage": usage(seq.prompt_tokens, seq.generated, seq.cached_tokens)})
         return out
 
-    first = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}]}]
+    first = [
+        {
+            **base,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
+    ]
     return await run_sse(request, seq, first, per_token, last)
 
 
@@ -261,30 +282,39 @@ async def completions(request: web.Request) -> web.StreamResponse:
         finally:
             for s in seqs:
                 replica.engine.abort(s)
-        return web.json_response({
-            **base,
-            "choices": [
-                {"index": i, "text": generated_text(k, s.generated), "logprobs": None,
-                 "finish_reason": s.finish_reason}
-                for i, (s, k) in enumerate(zip(seqs, keys, strict=True))
-            ],
-            "usage": usage(sum(s.prompt_tokens for s in seqs), sum(s.generated for s in seqs),
-                           sum(s.cached_tokens for s in seqs)),
-            "system_fingerprint": None,
-        })
+        return web.json_response(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": generated_text(k, s.generated),
+                        "logprobs": None,
+                        "finish_reason": s.finish_reason,
+                    }
+                    for i, (s, k) in enumerate(zip(seqs, keys, strict=True))
+                ],
+                "usage": usage(
+                    sum(s.prompt_tokens for s in seqs),
+                    sum(s.generated for s in seqs),
+                    sum(s.cached_tokens for s in seqs),
+                ),
+                "system_fingerprint": None,
+            }
+        )
 
     seq, key = seqs[0], keys[0]
 
     def per_token(i: int) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "text": generated_word(key, i), "logprobs": None,
-                                     "finish_reason": None}]}
+        return {
+            **base,
+            "choices": [{"index": 0, "text": generated_word(key, i), "logprobs": None, "finish_reason": None}],
+        }
 
     def last() -> list[dict[str, Any]]:
-        out = [{**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                     "finish_reason": seq.finish_reason}]}]
+        out = [{**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": seq.finish_reason}]}]
         if include_usage:
-            out.append({**base, "choices": [], "usage": usage(seq.prompt_tokens, seq.generated,
-                                                             seq.cached_tokens)})
+            out.append({**base, "choices": [], "usage": usage(seq.prompt_tokens, seq.generated, seq.cached_tokens)})
         return out
 
     return await run_sse(request, seq, [], per_token, last)
@@ -314,24 +344,34 @@ async def embeddings(request: web.Request) -> web.Response:
     data = []
     for i, (_, text) in enumerate(inputs):
         vec = embedding(replica.seed, model, text, dim)
-        data.append({"object": "embedding", "index": i,
-                     "embedding": embedding_base64(vec) if fmt == "base64" else vec})
+        data.append({"object": "embedding", "index": i, "embedding": embedding_base64(vec) if fmt == "base64" else vec})
     prompt = sum(s.prompt_tokens for s in seqs)
-    return web.json_response({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
-    })
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }
+    )
 
 
 async def list_models(request: web.Request) -> web.Response:
     replica = replica_of(request)
-    return web.json_response({
-        "object": "list",
-        "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "imesh-fleet", "root": m,
-             "parent": None, "max_model_len": replica.profile.max_model_len}
-            for m in replica.models
-        ],
-    })
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": m,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "imesh-fleet",
+                    "root": m,
+                    "parent": None,
+                    "max_model_len": replica.profile.max_model_len,
+                }
+                for m in replica.models
+            ],
+        }
+    )

@@ -32,8 +32,9 @@ REPLICA_HEADER = "x-sim-replica"
 class Replica:
     """A replica's engine, metrics, faults and HTTP server."""
 
-    def __init__(self, config: ReplicaConfig, *, seed: int = 0, time_scale: float = 1.0,
-                 profile: GpuProfile | None = None) -> None:
+    def __init__(
+        self, config: ReplicaConfig, *, seed: int = 0, time_scale: float = 1.0, profile: GpuProfile | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.models = list(config.models)
@@ -74,8 +75,9 @@ class Replica:
         except OSError as exc:
             await runner.cleanup()
             await self.engine.stop()
-            raise OSError(exc.errno, f"replica {self.name}: cannot listen on {self.config.address}: "
-                                     f"{exc.strerror or exc}") from exc
+            raise OSError(
+                exc.errno, f"replica {self.name}: cannot listen on {self.config.address}: {exc.strerror or exc}"
+            ) from exc
         self._runner = runner
         self.port = runner.addresses[0][1]
 
@@ -95,20 +97,24 @@ class Replica:
             await asyncio.sleep(faults.stall_s)
         if faults.error_rate > 0 and self._rng.random() < faults.error_rate:
             self.errors_injected += 1
-            raise ApiError(faults.error_status, f"injected fault on replica {self.name}",
-                           code="injected_fault")
+            raise ApiError(faults.error_status, f"injected fault on replica {self.name}", code="injected_fault")
 
     def check_fits(self, prompts: list[list[str]], max_tokens: int) -> None:
         """Reject (400) a request that could never fit, before any fault or queueing."""
         for tokens in prompts:
             self.engine.check_fits(max(1, len(tokens)), max_tokens)
 
-    def submit(self, model: str, tokens: list[str], max_tokens: int, *, limit_reason: str = "length",
-               streaming: bool = False) -> Sequence:
+    def submit(
+        self, model: str, tokens: list[str], max_tokens: int, *, limit_reason: str = "length", streaming: bool = False
+    ) -> Sequence:
         """Queue a tokenized prompt on the engine (an empty prompt still costs one token)."""
         return self.engine.submit(
-            model, max(1, len(tokens)), block_hashes(tokens, self.profile.block_size), max_tokens,
-            limit_reason=limit_reason, streaming=streaming,
+            model,
+            max(1, len(tokens)),
+            block_hashes(tokens, self.profile.block_size),
+            max_tokens,
+            limit_reason=limit_reason,
+            streaming=streaming,
         )
 
     def text_key(self, model: str, tokens: list[str], choice: int = 0) -> bytes:
@@ -117,8 +123,12 @@ class Replica:
 
     def check_model(self, model: str) -> None:
         if model not in self.models:
-            raise ApiError(404, f"The model `{model}` does not exist on replica {self.name}.",
-                           type="invalid_request_error", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist on replica {self.name}.",
+                type="invalid_request_error",
+                code="model_not_found",
+            )
 
     def state(self) -> dict[str, Any]:
         return {

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
+from imesh import views
 from imesh.client import SERVER_ENV, MeshClient, MeshError, default_server
 from imesh.output import FORMATS, echo, render, render_document
-from imesh import views
 
 
 class Context:
@@ -23,8 +23,12 @@ class Context:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--server", default=default_server, show_default=f"${SERVER_ENV} or 127.0.0.1:18000",
-              help="Control plane gRPC address.")
+@click.option(
+    "--server",
+    default=default_server,
+    show_default=f"${SERVER_ENV} or 127.0.0.1:18000",
+    help="Control plane gRPC address.",
+)
 @click.option("-o", "--output", type=click.Choice(FORMATS), default="table", help="Output format.")
 @click.pass_context
 def cli(ctx: click.Context, server: str, output: str) -> None:
@@ -45,30 +49,63 @@ def main() -> None:
 
 @cli.command()
 @click.option("--demo", is_flag=True, help="Serve the demo spec on a simulated GPU fleet.")
-@click.option("-f", "--file", "spec", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Mesh spec to serve (used when the state directory holds no state yet).")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".imesh"),
-              show_default=True, help="State, logs and rendered Envoy config.")
+@click.option(
+    "-f",
+    "--file",
+    "spec",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Mesh spec to serve (used when the state directory holds no state yet).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".imesh"),
+    show_default=True,
+    help="State, logs and rendered Envoy config.",
+)
 @click.option("--listener-port", type=int, default=8080, show_default=True)
 @click.option("--admin-port", type=int, default=9901, show_default=True)
 @click.option("--control-plane-port", type=int, default=18000, show_default=True)
 @click.option("--extproc-port", type=int, default=18001, show_default=True)
 @click.option("--control-plane-metrics-port", type=int, default=9090, show_default=True)
 @click.option("--extproc-metrics-port", type=int, default=9091, show_default=True)
-@click.option("--envoy-concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Envoy worker threads.")
-@click.option("--extproc-workers", type=click.IntRange(min=1), default=1, show_default=True, help="ext_proc processes (one core each).")
-def up(demo: bool, spec: Path | None, workdir: Path, listener_port: int, admin_port: int,
-       control_plane_port: int, extproc_port: int, control_plane_metrics_port: int, extproc_metrics_port: int,
-       envoy_concurrency: int, extproc_workers: int) -> None:
+@click.option(
+    "--envoy-concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Envoy worker threads."
+)
+@click.option(
+    "--extproc-workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="ext_proc processes (one core each).",
+)
+def up(
+    demo: bool,
+    spec: Path | None,
+    workdir: Path,
+    listener_port: int,
+    admin_port: int,
+    control_plane_port: int,
+    extproc_port: int,
+    control_plane_metrics_port: int,
+    extproc_metrics_port: int,
+    envoy_concurrency: int,
+    extproc_workers: int,
+) -> None:
     """Run the whole mesh on this machine until Ctrl-C."""
     from imesh.local_mesh import DEMO_FLEET, DEMO_SPEC, LocalMesh, MeshPorts
     from imesh.processes import StartupError
 
     if not demo and spec is None:
         raise click.UsageError("give a spec with -f FILE, or --demo for the simulated fleet")
-    ports = MeshPorts(listener=listener_port, admin=admin_port, control_plane=control_plane_port,
-                      control_plane_metrics=control_plane_metrics_port, extproc=extproc_port,
-                      extproc_metrics=extproc_metrics_port)
+    ports = MeshPorts(
+        listener=listener_port,
+        admin=admin_port,
+        control_plane=control_plane_port,
+        control_plane_metrics=control_plane_metrics_port,
+        extproc=extproc_port,
+        extproc_metrics=extproc_metrics_port,
+    )
     mesh = LocalMesh(
         spec=spec or DEMO_SPEC,
         workdir=workdir / ("demo" if demo else "mesh"),
@@ -102,7 +139,7 @@ inference-mesh is up.
   OpenAI / KServe endpoint  {mesh.url}
   Envoy admin               {mesh.admin_url}
   control plane (gRPC)      {mesh.control_plane_address}
-  logs                      {mesh.workdir / 'logs'}
+  logs                      {mesh.workdir / "logs"}
 
 Try:
   curl -s {mesh.url}/v1/chat/completions -H 'content-type: application/json' \\
@@ -123,8 +160,12 @@ def apply(obj: Context, path: Path, dry_run: bool) -> None:
     """Validate a mesh spec, show what changes, and apply it."""
     with obj.client() as client:
         result = client.apply(path.read_text(), str(path), dry_run)
-    document = {"changed": result.changed, "diff": list(result.diff), "config_version": result.config_version,
-                "dry_run": dry_run}
+    document = {
+        "changed": result.changed,
+        "diff": list(result.diff),
+        "config_version": result.config_version,
+        "dry_run": dry_run,
+    }
     text = render_document(document, obj.output)
     if text is not None:
         echo(text)

@@ -65,13 +65,24 @@ class MeshClient:
         return self._call(self._admin.GetRoutes, mesh_pb2.RoutesRequest())
 
     def set_canary(self, model: str, version: str, percent: float) -> mesh_pb2.CanaryChange:
-        return self._call(self._admin.SetCanary, mesh_pb2.SetCanaryRequest(model=model, version=version, percent=percent))
+        return self._call(
+            self._admin.SetCanary, mesh_pb2.SetCanaryRequest(model=model, version=version, percent=percent)
+        )
 
-    def start_canary(self, model: str, version: str, steps: list[float], interval_s: float,
-                     max_error_rate: float, max_p99_s: float, min_samples: int) -> mesh_pb2.CanaryChange:
+    def start_canary(
+        self,
+        model: str,
+        version: str,
+        steps: list[float],
+        interval_s: float,
+        max_error_rate: float,
+        max_p99_s: float,
+        min_samples: int,
+    ) -> mesh_pb2.CanaryChange:
         gates = mesh_pb2.CanaryGates(max_error_rate=max_error_rate, max_p99_s=max_p99_s, min_samples=min_samples)
-        request = mesh_pb2.StartCanaryRequest(model=model, version=version, steps=steps, interval_s=interval_s,
-                                              gates=gates)
+        request = mesh_pb2.StartCanaryRequest(
+            model=model, version=version, steps=steps, interval_s=interval_s, gates=gates
+        )
         return self._call(self._admin.StartCanary, request)
 
     def promote(self, model: str) -> mesh_pb2.CanaryChange:

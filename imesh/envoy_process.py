@@ -29,9 +29,13 @@ class EnvoyPorts:
 
 def _lb_endpoints(host: str, ports: tuple[int, ...]) -> str:
     """A flow-style YAML list of endpoints, for a one-line template slot."""
-    return "[" + ", ".join(
-        f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}" for port in ports
-    ) + "]"
+    return (
+        "["
+        + ", ".join(
+            f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}" for port in ports
+        )
+        + "]"
+    )
 
 
 def envoy_binary() -> str:
@@ -83,12 +87,17 @@ def envoy_process(
     config.write_text(render_bootstrap(ports, node_id, xds_api))
     argv = [
         envoy_binary(),
-        "-c", str(config),
-        "--concurrency", str(concurrency),
+        "-c",
+        str(config),
+        "--concurrency",
+        str(concurrency),
         "--disable-hot-restart",
-        "--log-level", log_level,
-        "--drain-time-s", "1",
-        "--file-flush-interval-msec", "1000",  # JSON access log lines within a second (Envoy's default: 10 s)
+        "--log-level",
+        log_level,
+        "--drain-time-s",
+        "1",
+        "--file-flush-interval-msec",
+        "1000",  # JSON access log lines within a second (Envoy's default: 10 s)
     ]
     return ManagedProcess("envoy", argv, workdir / "envoy.log")
 

@@ -150,13 +150,20 @@ class LocalMesh:
         p = self.ports
         argv = python_module(
             "controlplane",
-            "--spec", str(self.spec),
-            "--state-dir", str(self.workdir / "state"),
-            "--host", p.host,
-            "--grpc-port", str(p.control_plane),
-            "--metrics-port", str(p.control_plane_metrics),
-            "--listener-port", str(p.listener),
-            "--scrape-interval", str(self.scrape_interval_s),
+            "--spec",
+            str(self.spec),
+            "--state-dir",
+            str(self.workdir / "state"),
+            "--host",
+            p.host,
+            "--grpc-port",
+            str(p.control_plane),
+            "--metrics-port",
+            str(p.control_plane_metrics),
+            "--listener-port",
+            str(p.listener),
+            "--scrape-interval",
+            str(self.scrape_interval_s),
             *self.controlplane_args,
         )
         process = self._spawn("controlplane", argv)
@@ -176,11 +183,16 @@ class LocalMesh:
         p = self.ports
         argv = python_module(
             "extproc",
-            "--host", p.host,
-            "--port", ",".join(map(str, self.extproc_ports)),
-            "--metrics-port", str(p.extproc_metrics),
-            "--control-plane", f"{p.host}:{p.control_plane}",
-            "--workers", str(self.extproc_workers),
+            "--host",
+            p.host,
+            "--port",
+            ",".join(map(str, self.extproc_ports)),
+            "--metrics-port",
+            str(p.extproc_metrics),
+            "--control-plane",
+            f"{p.host}:{p.control_plane}",
+            "--workers",
+            str(self.extproc_workers),
             *self.extproc_args,
         )
         process = self._spawn("extproc", argv)
@@ -239,4 +251,3 @@ class LocalMesh:
 
 def demo_mesh(workdir: Path, ports: MeshPorts = MeshPorts()) -> LocalMesh:
     return LocalMesh(spec=DEMO_SPEC, workdir=workdir, ports=ports, fleet_config=DEMO_FLEET)
-

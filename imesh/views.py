@@ -28,8 +28,12 @@ def _traffic_cells(stats: mesh_pb2.TrafficStats | None, shed: bool = False) -> d
     if stats is None:
         cells = {"rps": 0.0, "p50_ms": None, "p99_ms": None, "errors": 0}
     else:
-        cells = {"rps": round(stats.rate_rps, 2), "p50_ms": _ms(stats.p50_s), "p99_ms": _ms(stats.p99_s),
-                 "errors": stats.errors}
+        cells = {
+            "rps": round(stats.rate_rps, 2),
+            "p50_ms": _ms(stats.p50_s),
+            "p99_ms": _ms(stats.p99_s),
+            "errors": stats.errors,
+        }
     if shed:
         cells["shed"] = stats.shed if stats is not None else 0
     return cells
@@ -53,12 +57,25 @@ def traffic_version_rows(status: mesh_pb2.MeshStatus) -> Rows:
     rows = []
     for m in status.table.models:
         total = sum(v.weight for v in m.versions)
-        rows.append({"model": m.name, "version": "*", "percent": 100.0 if total else 0.0,
-                     "endpoints": sum(len(v.endpoints) for v in m.versions),
-                     **_traffic_cells(by_model.get(m.name), shed=True)})
+        rows.append(
+            {
+                "model": m.name,
+                "version": "*",
+                "percent": 100.0 if total else 0.0,
+                "endpoints": sum(len(v.endpoints) for v in m.versions),
+                **_traffic_cells(by_model.get(m.name), shed=True),
+            }
+        )
         for v in m.versions:
-            rows.append({"model": m.name, "version": v.name, "percent": _percent(v.weight, total),
-                         "endpoints": len(v.endpoints), **_traffic_cells(by_version.get((m.name, v.name)), shed=True)})
+            rows.append(
+                {
+                    "model": m.name,
+                    "version": v.name,
+                    "percent": _percent(v.weight, total),
+                    "endpoints": len(v.endpoints),
+                    **_traffic_cells(by_version.get((m.name, v.name)), shed=True),
+                }
+            )
     return rows, ["model", "version", "percent", "endpoints", *TRAFFIC_COLUMNS, "shed"]
 
 
@@ -66,11 +83,13 @@ def model_rows(status: mesh_pb2.MeshStatus) -> Rows:
     rows = []
     for m in status.table.models:
         total = sum(v.weight for v in m.versions)
-        rows.append({
-            "model": m.name,
-            "versions": [f"{v.name}={_percent(v.weight, total):g}%" for v in m.versions],
-            "endpoints": sum(len(v.endpoints) for v in m.versions),
-        })
+        rows.append(
+            {
+                "model": m.name,
+                "versions": [f"{v.name}={_percent(v.weight, total):g}%" for v in m.versions],
+                "endpoints": sum(len(v.endpoints) for v in m.versions),
+            }
+        )
     return rows, ["model", "versions", "endpoints"]
 
 
@@ -79,11 +98,17 @@ def version_rows(status: mesh_pb2.MeshStatus) -> Rows:
     for m in status.table.models:
         total = sum(v.weight for v in m.versions)
         for v in m.versions:
-            rows.append({
-                "model": m.name, "version": v.name, "weight": v.weight,
-                "percent": _percent(v.weight, total), "engine": v.engine,
-                "context_window": v.context_window, "endpoints": len(v.endpoints),
-            })
+            rows.append(
+                {
+                    "model": m.name,
+                    "version": v.name,
+                    "weight": v.weight,
+                    "percent": _percent(v.weight, total),
+                    "engine": v.engine,
+                    "context_window": v.context_window,
+                    "endpoints": len(v.endpoints),
+                }
+            )
     return rows, ["model", "version", "weight", "percent", "engine", "context_window", "endpoints"]
 
 
@@ -92,10 +117,17 @@ def pool_rows(status: mesh_pb2.MeshStatus) -> Rows:
     for m in status.table.models:
         for v in m.versions:
             for e in v.endpoints:
-                row = pools.setdefault(e.pool, {
-                    "pool": e.pool, "tier": e.tier, "cost_per_hour": e.cost_per_hour,
-                    "region": e.region, "zone": e.zone, "endpoints": 0,
-                })
+                row = pools.setdefault(
+                    e.pool,
+                    {
+                        "pool": e.pool,
+                        "tier": e.tier,
+                        "cost_per_hour": e.cost_per_hour,
+                        "region": e.region,
+                        "zone": e.zone,
+                        "endpoints": 0,
+                    },
+                )
                 row["endpoints"] += 1
     return list(pools.values()), ["pool", "tier", "cost_per_hour", "region", "zone", "endpoints"]
 
@@ -108,17 +140,32 @@ def endpoint_rows(status: mesh_pb2.MeshStatus) -> Rows:
         for v in m.versions:
             for e in v.endpoints:
                 reading = load.get(e.address)
-                rows.append({
-                    "address": e.address, "model": m.name, "version": v.name, "pool": e.pool,
-                    "state": _endpoint_state(e, reading),
-                    "waiting": reading.waiting if reading else None,
-                    "running": reading.running if reading else None,
-                    "kv_cache": f"{reading.kv_cache:.0%}" if reading else None,
-                    "age_s": round(reading.age_s, 2) if reading else None,
-                    **_traffic_cells(traffic.get(e.address)),
-                })
-    return rows, ["address", "model", "version", "pool", "state", "waiting", "running", "kv_cache", "age_s",
-                  *TRAFFIC_COLUMNS]
+                rows.append(
+                    {
+                        "address": e.address,
+                        "model": m.name,
+                        "version": v.name,
+                        "pool": e.pool,
+                        "state": _endpoint_state(e, reading),
+                        "waiting": reading.waiting if reading else None,
+                        "running": reading.running if reading else None,
+                        "kv_cache": f"{reading.kv_cache:.0%}" if reading else None,
+                        "age_s": round(reading.age_s, 2) if reading else None,
+                        **_traffic_cells(traffic.get(e.address)),
+                    }
+                )
+    return rows, [
+        "address",
+        "model",
+        "version",
+        "pool",
+        "state",
+        "waiting",
+        "running",
+        "kv_cache",
+        "age_s",
+        *TRAFFIC_COLUMNS,
+    ]
 
 
 def _endpoint_state(endpoint: mesh_pb2.Endpoint, reading: mesh_pb2.EndpointLoad | None) -> str:
@@ -140,10 +187,13 @@ GETTERS: dict[str, Callable[[mesh_pb2.MeshStatus], Rows]] = {
 def node_rows(status: mesh_pb2.MeshStatus) -> Rows:
     rows = [
         {
-            "envoy": n.node_id, "connected": "yes" if n.connected else "no", "acked_version": n.acked_version,
+            "envoy": n.node_id,
+            "connected": "yes" if n.connected else "no",
+            "acked_version": n.acked_version,
             "synced": "yes" if n.acked_version == str(status.config_version) else "no",
             "last_nack": f"v{n.last_nack_version} {n.last_nack_type.rsplit('.', 1)[-1]}: {n.last_nack_message}"
-            if n.last_nack_message else None,
+            if n.last_nack_message
+            else None,
         }
         for n in status.nodes
     ]

@@ -111,7 +111,9 @@ def chat(model: str | None, content: str = "hello", max_tokens: int = 2, **extra
     return body
 
 
-def send_many(url: str, count: int, make_request, concurrency: int = 8, timeout_s: float = 30.0) -> list[httpx.Response]:
+def send_many(
+    url: str, count: int, make_request, concurrency: int = 8, timeout_s: float = 30.0
+) -> list[httpx.Response]:
     """Send `count` requests with bounded concurrency; `make_request(client, i)` returns a Response."""
     with httpx.Client(base_url=url, timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency)) as client:
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:

@@ -16,7 +16,15 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import ads
-from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshotError, Snapshot, check_consistency
+from controlplane.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    InconsistentSnapshotError,
+    Snapshot,
+    check_consistency,
+)
 from controlplane.xds_cache import Publisher, SnapshotCache
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from imesh.processes import ManagedProcess
@@ -53,7 +61,9 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float
     raise AssertionError(f"timed out waiting for {what or check} (last error: {last!r})")
 
 
-async def start_xds(cache: SnapshotCache, port: int = 0) -> tuple[grpc.aio.Server, ads.AggregatedDiscoveryServicer, int]:
+async def start_xds(
+    cache: SnapshotCache, port: int = 0
+) -> tuple[grpc.aio.Server, ads.AggregatedDiscoveryServicer, int]:
     server = grpc.aio.server()
     servicer = ads.add_to_server(server, cache)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -88,7 +98,8 @@ class Mesh:
                 out["clusters"] = {"version": config.get("version_info"), "active": active, "warming": warming}
             elif kind == "ListenersConfigDump":
                 listeners = {
-                    l["name"]: l.get("active_state", {}).get("version_info") for l in config.get("dynamic_listeners", [])
+                    l["name"]: l.get("active_state", {}).get("version_info")
+                    for l in config.get("dynamic_listeners", [])
                 }
                 out["listeners"] = {"version": config.get("version_info"), "active": listeners}
             elif kind == "RoutesConfigDump":
@@ -106,7 +117,9 @@ class Mesh:
         return self.cache.status(self.node_id).synced_version == version
 
 
-def snapshot(mesh_ports: tuple[int, int], body: str = "one", extra_clusters: tuple[str, ...] = (), bad: bool = False) -> Snapshot:
+def snapshot(
+    mesh_ports: tuple[int, int], body: str = "one", extra_clusters: tuple[str, ...] = (), bad: bool = False
+) -> Snapshot:
     """The test mesh: /up → EDS cluster `up` (the local upstream), /direct → a direct_response."""
     listener_port, upstream_port = mesh_ports
     names = ("up", *extra_clusters)
@@ -368,7 +381,9 @@ class FakeEnvoy(FakeEnvoyBase):
 
     stream_class = ads.AdsStream
 
-    def send(self, type_url: str, nonce: str = "", names: tuple[str, ...] = (), version: str = "", error: str = "") -> None:
+    def send(
+        self, type_url: str, nonce: str = "", names: tuple[str, ...] = (), version: str = "", error: str = ""
+    ) -> None:
         request = discovery_pb2.DiscoveryRequest(
             type_url=type_url, response_nonce=nonce, resource_names=list(names), version_info=version
         )

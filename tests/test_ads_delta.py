@@ -62,6 +62,7 @@ class DeltaMesh(Mesh):
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[DeltaMesh]:
     with upstream() as up, upstream(b"from upstream two") as up2:
+
         def first(listener_port: int) -> Snapshot:
             return build({"a": up, "b": up, "c": up}, listener_port)
 
@@ -79,7 +80,12 @@ async def test_initial_sync_then_one_endpoint_change_sends_only_that_resource(me
     # Initial sync: every resource once, in CDS → EDS → LDS → RDS order.
     sent = mesh.sent_for("1")
     assert [t for t, _, _ in sent] == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
-    assert [set(names) for _, names, _ in sent] == [{"a", "b", "c"}, {"a", "b", "c"}, {"test_listener"}, {"test_routes"}]
+    assert [set(names) for _, names, _ in sent] == [
+        {"a", "b", "c"},
+        {"a", "b", "c"},
+        {"test_listener"},
+        {"test_routes"},
+    ]
     assert (await mesh.get("/b")).text == "from upstream"
     dump = await mesh.dump()
     assert set(dump["clusters"]["active"]) == {"a", "b", "c"} and not dump["clusters"]["warming"]

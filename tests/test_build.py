@@ -14,9 +14,18 @@ REPO = Path(__file__).resolve().parent.parent
 def test_generated_protos_are_up_to_date(tmp_path):
     protos = sorted(p.relative_to(REPO) for p in (REPO / "protos").glob("*.proto"))
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", *map(str, protos)],
-        check=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{REPO}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *map(str, protos),
+        ],
+        check=True,
+        cwd=REPO,
     )
     generated = sorted(tmp_path.rglob("*.py*"))
     assert generated, "protoc generated nothing"

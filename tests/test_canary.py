@@ -46,9 +46,20 @@ models:
 
 
 def record(version: str, status: int = 200, duration_s: float = 0.05, model: str = "chat") -> RequestRecord:
-    return RequestRecord(model=model, version=version, endpoint="", pool="p", priority="standard", status=status,
-                         duration_s=duration_s, ttft_s=None, upstream_failure=False, shed=False,
-                         request_bytes=10, response_bytes=10)
+    return RequestRecord(
+        model=model,
+        version=version,
+        endpoint="",
+        pool="p",
+        priority="standard",
+        status=status,
+        duration_s=duration_s,
+        ttft_s=None,
+        upstream_failure=False,
+        shed=False,
+        request_bytes=10,
+        response_bytes=10,
+    )
 
 
 class Clock:
@@ -124,8 +135,18 @@ def test_gates_wait_for_samples_then_judge_error_rate_and_p99():
 def test_canary_state_survives_the_store_and_old_state_files_still_load(tmp_path):
     spec = parse_spec(SPEC)
     store = StateStore(tmp_path, spec)
-    state = CanaryState("chat", "v2", PROGRESSING, 25.0, None, {"v1": 100, "v2": 0}, steps=(5.0, 25.0),
-                        step=1, interval_s=30.0, gates=Gates(0.01, 2.0, 20)).with_event(1.0, "started")
+    state = CanaryState(
+        "chat",
+        "v2",
+        PROGRESSING,
+        25.0,
+        None,
+        {"v1": 100, "v2": 0},
+        steps=(5.0, 25.0),
+        step=1,
+        interval_s=30.0,
+        gates=Gates(0.01, 2.0, 20),
+    ).with_event(1.0, "started")
     store.commit(overrides=Overrides(weights={"chat": {"v1": 7500, "v2": 2500}}, canaries={"chat": state}))
     assert StateStore(tmp_path, spec).state.overrides.canaries == {"chat": state}
     assert not list(tmp_path.glob(".*.tmp"))  # the temp file was renamed over, not left behind
@@ -155,8 +176,15 @@ def test_a_spec_that_changes_weights_wins_over_overrides_unless_a_canary_is_in_p
 
 
 async def start_control_plane(state_dir, clock: Clock) -> ControlPlane:
-    cp = ControlPlane(ControlPlaneConfig(spec=parse_spec(SPEC), state_dir=state_dir, grpc_port=free_ports(1)[0],
-                                         debounce_s=0.0, scrape_interval_s=1.0))
+    cp = ControlPlane(
+        ControlPlaneConfig(
+            spec=parse_spec(SPEC),
+            state_dir=state_dir,
+            grpc_port=free_ports(1)[0],
+            debounce_s=0.0,
+            scrape_interval_s=1.0,
+        )
+    )
     # The test drives the steps: a controller on the test clock whose own loop never ticks again.
     cp.canary = CanaryController(cp, clock=clock, tick_s=3600.0)
     await cp.start()
@@ -186,7 +214,11 @@ async def test_set_promote_and_rollback(tmp_path):
         assert rolled.phase == ROLLED_BACK and weights(cp) == {"v1": 100, "v2": 0}
         assert cp.store.state.overrides.weights == {}
         assert [e.message.split(":")[0] for e in rolled.history] == [
-            "canary v2 set to 5%", "canary v2 set to 30%", "promoted by the operator", "rolled back"]
+            "canary v2 set to 5%",
+            "canary v2 set to 30%",
+            "promoted by the operator",
+            "rolled back",
+        ]
     finally:
         await cp.stop()
 

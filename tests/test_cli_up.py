@@ -23,9 +23,25 @@ IMESH = str(Path(sys.executable).parent / "imesh")
 
 def test_up_demo_serves_and_stops_every_process(tmp_path):
     listener, admin, cp, cp_metrics, ep, ep_metrics = free_ports(6)
-    argv = [IMESH, "up", "--demo", "--workdir", str(tmp_path), "--listener-port", str(listener),
-            "--admin-port", str(admin), "--control-plane-port", str(cp), "--extproc-port", str(ep),
-            "--control-plane-metrics-port", str(cp_metrics), "--extproc-metrics-port", str(ep_metrics)]
+    argv = [
+        IMESH,
+        "up",
+        "--demo",
+        "--workdir",
+        str(tmp_path),
+        "--listener-port",
+        str(listener),
+        "--admin-port",
+        str(admin),
+        "--control-plane-port",
+        str(cp),
+        "--extproc-port",
+        str(ep),
+        "--control-plane-metrics-port",
+        str(cp_metrics),
+        "--extproc-metrics-port",
+        str(ep_metrics),
+    ]
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         banner = _read_until(up, "Ctrl-C stops everything", timeout_s=90)

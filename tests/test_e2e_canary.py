@@ -54,9 +54,12 @@ def start_mesh(tmp_path: Path, replicas: list[Replica], weights: dict, ab: dict 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    test_mesh = start_mesh(tmp_path_factory.mktemp("canary"), REPLICAS,
-                           weights={"chat": {"v1": 100, "v2": 0}, "fixed": {"v1": 100, "v2": 0}},
-                           ab={"chat": {"allow_version_override": True}})
+    test_mesh = start_mesh(
+        tmp_path_factory.mktemp("canary"),
+        REPLICAS,
+        weights={"chat": {"v1": 100, "v2": 0}, "fixed": {"v1": 100, "v2": 0}},
+        ab={"chat": {"allow_version_override": True}},
+    )
     try:
         for model in ("chat", "fixed", "pair"):
             test_mesh.mesh.wait_for_completion(model)
@@ -82,13 +85,16 @@ def canary_of(mesh: Mesh, model: str) -> dict:
     return imesh_json(mesh, "canary", "status", model)["canaries"][0]
 
 
-def versions_served(mesh: Mesh, count: int, model: str = "chat", headers: dict | None = None,
-                    by_header: bool = False) -> collections.Counter:
+def versions_served(
+    mesh: Mesh, count: int, model: str = "chat", headers: dict | None = None, by_header: bool = False
+) -> collections.Counter:
     """Send `count` chat completions; count the versions that served them (all must succeed)."""
+
     def one(client: httpx.Client, i: int) -> httpx.Response:
         extra = {"x-model-id": model} if by_header else {}
-        return client.post("/v1/chat/completions", json=chat(None if by_header else model),
-                           headers={**extra, **(headers or {})})
+        return client.post(
+            "/v1/chat/completions", json=chat(None if by_header else model), headers={**extra, **(headers or {})}
+        )
 
     responses = send_many(mesh.url, count, one, concurrency=16)
     bad = [r for r in responses if r.status_code != 200]
@@ -177,8 +183,9 @@ def test_sticky_sessions_keep_one_version_and_split_by_weight(clean):
 
     def session_versions() -> dict[str, set[str]]:
         def one(client, i):
-            return client.post("/v1/chat/completions", json=chat("chat"),
-                               headers={"x-session-id": sessions[i % len(sessions)]})
+            return client.post(
+                "/v1/chat/completions", json=chat("chat"), headers={"x-session-id": sessions[i % len(sessions)]}
+            )
 
         seen = collections.defaultdict(set)
         for i, response in enumerate(send_many(mesh.url, 3 * len(sessions), one, concurrency=16)):
@@ -220,8 +227,10 @@ def test_drain_sends_nothing_new_and_lets_in_flight_requests_finish(clean):
     mesh.set_faults("pair-a", stall_s=2.0)
     with httpx.Client(base_url=mesh.url, timeout=30) as client:
         with_pool = collections.deque()
-        slow = [threading.Thread(target=lambda: with_pool.append(
-            client.post("/v1/chat/completions", json=chat("pair")))) for _ in range(4)]
+        slow = [
+            threading.Thread(target=lambda: with_pool.append(client.post("/v1/chat/completions", json=chat("pair"))))
+            for _ in range(4)
+        ]
         for thread in slow:
             thread.start()
         time.sleep(0.5)  # sequencing only (the stall is 2 s): the slow requests are on pair-a now
@@ -254,8 +263,10 @@ def test_every_error_exits_1_with_a_clear_message(clean, tmp_path):
         (("canary", "start", "chat", "v2", "--steps", "50,10"), "steps must increase"),
         (("endpoint", "drain", "10.0.0.1:1"), "no endpoint '10.0.0.1:1'"),
         (("describe", "model", "nope"), "unknown model 'nope'"),
-        (("apply", "-f", str(mesh.write_spec({"models": [{"name": "x", "wieght": 1}]}, "typo.yaml"))),
-         "models[0].wieght: unknown field (check the spelling)"),
+        (
+            ("apply", "-f", str(mesh.write_spec({"models": [{"name": "x", "wieght": 1}]}, "typo.yaml"))),
+            "models[0].wieght: unknown field (check the spelling)",
+        ),
     ]
     for args, message in cases:
         result = imesh(mesh, *args, check=False)
@@ -274,8 +285,9 @@ def test_every_error_exits_1_with_a_clear_message(clean, tmp_path):
         result = imesh(mesh, "apply", "-f", str(path), *extra, check=False)
         assert result.returncode == 1 and "canary of chat/v2 is in progress" in result.stderr
 
-    unreachable = subprocess.run([IMESH, "--server", "127.0.0.1:1", "status"], capture_output=True, text=True,
-                                 timeout=60)
+    unreachable = subprocess.run(
+        [IMESH, "--server", "127.0.0.1:1", "status"], capture_output=True, text=True, timeout=60
+    )
     assert unreachable.returncode == 1 and "cannot reach the control plane at 127.0.0.1:1" in unreachable.stderr
 
 
@@ -313,8 +325,9 @@ def test_weights_sticky_and_forced_versions_hold_with_the_ext_proc_down(clean):
         assert versions_served(mesh, 10, by_header=True, headers={"x-model-version": "v2"}) == {"v2": 10}
         assert versions_served(mesh, 10, "fixed", by_header=True, headers={"x-model-version": "v2"}) == {"v1": 10}
         with httpx.Client(base_url=mesh.url, timeout=10) as client:
-            response = client.post("/v1/chat/completions", json=chat("chat"),
-                                   headers={"x-model-id": "chat", "x-model-version": "v9"})
+            response = client.post(
+                "/v1/chat/completions", json=chat("chat"), headers={"x-model-id": "chat", "x-model-version": "v9"}
+            )
         assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     finally:
         mesh.mesh.start_extproc()
@@ -329,8 +342,9 @@ class Traffic:
     def __init__(self, mesh: Mesh, model: str, workers: int = 4):
         self._stop = threading.Event()
         self.statuses: collections.Counter = collections.Counter()
-        self._threads = [threading.Thread(target=self._run, args=(mesh.url, model), daemon=True)
-                         for _ in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(mesh.url, model), daemon=True) for _ in range(workers)
+        ]
 
     def _run(self, url: str, model: str) -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
@@ -396,8 +410,23 @@ def test_progressive_canary_promotes_a_healthy_version(tmp_path):
     try:
         mesh.mesh.wait_for_completion("chat")
         with Traffic(mesh, "chat"):
-            out = imesh(mesh, "canary", "start", "chat", "v2", "--steps", "20,50,100", "--interval", "1s",
-                        "--max-error-rate", "5%", "--max-p99", "10s", "--min-samples", "10").stdout
+            out = imesh(
+                mesh,
+                "canary",
+                "start",
+                "chat",
+                "v2",
+                "--steps",
+                "20,50,100",
+                "--interval",
+                "1s",
+                "--max-error-rate",
+                "5%",
+                "--max-p99",
+                "10s",
+                "--min-samples",
+                "10",
+            ).stdout
             assert "progressive canary of v2 started at 20%" in out
             status = wait_for_canary(mesh, "chat", lambda s: s["phase"] != "progressing")
         assert status["phase"] == "promoted", status
@@ -416,8 +445,21 @@ def test_progressive_canary_rolls_back_a_failing_version_and_says_why(tmp_path):
         mesh.mesh.wait_for_completion("chat")
         mesh.set_faults("next", error_rate=0.5)
         with Traffic(mesh, "chat"):
-            imesh(mesh, "canary", "start", "chat", "v2", "--steps", "20,50,100", "--interval", "1s",
-                  "--max-error-rate", "1%", "--min-samples", "10")
+            imesh(
+                mesh,
+                "canary",
+                "start",
+                "chat",
+                "v2",
+                "--steps",
+                "20,50,100",
+                "--interval",
+                "1s",
+                "--max-error-rate",
+                "1%",
+                "--min-samples",
+                "10",
+            )
             status = wait_for_canary(mesh, "chat", lambda s: s["phase"] != "progressing")
         assert status["phase"] == "rolled_back", status
         assert "step 1/3 at 20%: error rate" in status["reason"] and "> 1.0%" in status["reason"]
@@ -434,8 +476,21 @@ def test_a_control_plane_restart_in_the_middle_of_a_canary_resumes_it(tmp_path):
     try:
         mesh.mesh.wait_for_completion("chat")
         with Traffic(mesh, "chat"):
-            started = imesh_json(mesh, "canary", "start", "chat", "v2", "--steps", "10,50,100", "--interval",
-                                 "1.5s", "--max-error-rate", "5%", "--min-samples", "20")
+            started = imesh_json(
+                mesh,
+                "canary",
+                "start",
+                "chat",
+                "v2",
+                "--steps",
+                "10,50,100",
+                "--interval",
+                "1.5s",
+                "--max-error-rate",
+                "5%",
+                "--min-samples",
+                "20",
+            )
             wait_for_canary(mesh, "chat", lambda s: s["step"] >= 1)
         # No traffic: step 2 cannot gather its samples, so the restart lands in the middle of it.
         before = canary_of(mesh, "chat")
@@ -475,6 +530,7 @@ def test_a_killed_control_plane_loses_no_acknowledged_change(tmp_path):
     acked: list[tuple[int, float]] = []
     try:
         with MeshClient(local.control_plane_address) as client:
+
             def burst() -> None:
                 for i in range(10_000):
                     try:

@@ -67,9 +67,12 @@ def test_spec_change_under_traffic_takes_effect_without_failed_requests(tmp_path
     with mesh.mesh:
         assert versions_served(mesh.url) == {"v1": 40}
         spec = dict(mesh.spec)
-        spec["models"] = [{**spec["models"][0], "versions": [
-            {**v, "weight": 0 if v["name"] == "v1" else 100} for v in spec["models"][0]["versions"]
-        ]}]
+        spec["models"] = [
+            {
+                **spec["models"][0],
+                "versions": [{**v, "weight": 0 if v["name"] == "v1" else 100} for v in spec["models"][0]["versions"]],
+            }
+        ]
         path = mesh.write_spec(spec)
         with Traffic(mesh.url) as traffic, MeshClient(mesh.mesh.control_plane_address) as client:
             time.sleep(0.5)
@@ -122,9 +125,12 @@ def test_envoy_serves_while_control_plane_is_down_and_resyncs_after(tmp_path):
         # Back on the same state directory: the change below must reach the running Envoy.
         mesh.mesh.start_control_plane()
         spec = dict(mesh.spec)
-        spec["models"] = [{**spec["models"][0], "versions": [
-            {**v, "weight": 0 if v["name"] == "v1" else 100} for v in spec["models"][0]["versions"]
-        ]}]
+        spec["models"] = [
+            {
+                **spec["models"][0],
+                "versions": [{**v, "weight": 0 if v["name"] == "v1" else 100} for v in spec["models"][0]["versions"]],
+            }
+        ]
         path = mesh.write_spec(spec)
         with MeshClient(mesh.mesh.control_plane_address) as client:
             deadline = time.monotonic() + 15

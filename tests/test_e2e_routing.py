@@ -91,7 +91,10 @@ def test_openai_client_lists_models_and_completes(mesh):
     assert completion.usage.completion_tokens == 5
     chunks = list(
         client.chat.completions.create(
-            model="embed", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
+            model="embed",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -105,15 +108,17 @@ def test_openai_client_lists_models_and_completes(mesh):
 def test_unknown_model_is_404_with_envelope(client):
     error = assert_envelope(client.post("/v1/chat/completions", json=chat("nope")), 404, "model_not_found")
     assert "nope" in error["message"]
-    assert_envelope(client.post("/v1/chat/completions", headers={"x-model-id": "nope"}, json=chat("x")), 404,
-                    "model_not_found")
+    assert_envelope(
+        client.post("/v1/chat/completions", headers={"x-model-id": "nope"}, json=chat("x")), 404, "model_not_found"
+    )
 
 
 def test_missing_model_and_malformed_json_are_400(client):
     assert_envelope(client.post("/v1/chat/completions", json=chat(None)), 400, "missing_model")
     error = assert_envelope(
         client.post("/v1/chat/completions", content=b'{"model": "chat",', headers={"content-type": "application/json"}),
-        400, "invalid_json",
+        400,
+        "invalid_json",
     )
     assert "line 1" in error["message"]
 
@@ -132,7 +137,9 @@ def counts_with_fault(mesh, fault: dict, healthy: dict, n: int, concurrency: int
     time.sleep(0.5)  # a few scrapes
     try:
         responses = send_many(
-            mesh.url, n, lambda c, i: c.post("/v1/chat/completions", json=chat("chat", max_tokens=max_tokens)),
+            mesh.url,
+            n,
+            lambda c, i: c.post("/v1/chat/completions", json=chat("chat", max_tokens=max_tokens)),
             concurrency=concurrency,
         )
     finally:
@@ -157,8 +164,11 @@ def test_slow_replica_receives_fewer_requests(mesh):
 def test_ninety_ten_split_holds(mesh):
     n = 1000
     responses = send_many(
-        mesh.url, n, lambda c, i: c.post("/v1/completions", headers={"x-model-id": "chat"},
-                                         json={"model": "chat", "prompt": "p", "max_tokens": 1}),
+        mesh.url,
+        n,
+        lambda c, i: c.post(
+            "/v1/completions", headers={"x-model-id": "chat"}, json={"model": "chat", "prompt": "p", "max_tokens": 1}
+        ),
         concurrency=8,
     )
     versions = collections.Counter(r.headers.get("x-imesh-version") for r in responses)
@@ -188,8 +198,7 @@ def test_sheddable_work_is_shed_first_under_saturation(mesh, client):
 def test_critical_work_prefers_the_low_latency_tier(mesh, client):
     # chat's v1 replicas are in the low-latency pool; pin v1 through KServe to leave the split out.
     responses = [
-        client.post("/v1/chat/completions", headers={"x-priority": "critical"}, json=chat("chat"))
-        for _ in range(30)
+        client.post("/v1/chat/completions", headers={"x-priority": "critical"}, json=chat("chat")) for _ in range(30)
     ]
     pools = collections.Counter(r.headers["x-imesh-pool"] for r in responses if r.headers["x-imesh-version"] == "v1")
     assert set(pools) == {"fast"}, pools

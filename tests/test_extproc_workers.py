@@ -23,8 +23,10 @@ from tests.test_observability import scrape
 
 def _extproc_requests_by_port(admin_url: str) -> dict[int, int]:
     text = httpx.get(f"{admin_url}/clusters", timeout=5).text
-    return {int(m.group(1)): int(m.group(2))
-            for m in re.finditer(r"^imesh_extproc::[\d.]+:(\d+)::rq_total::(\d+)$", text, re.M)}
+    return {
+        int(m.group(1)): int(m.group(2))
+        for m in re.finditer(r"^imesh_extproc::[\d.]+:(\d+)::rq_total::(\d+)$", text, re.M)
+    }
 
 
 def _picks(port: int) -> float:
@@ -32,8 +34,7 @@ def _picks(port: int) -> float:
 
 
 def test_two_extproc_workers_share_the_streams_and_one_endpoint_counts_both(tmp_path):
-    test_mesh = make_mesh(tmp_path, [Replica("chat-a", "chat", "v1"), Replica("chat-b", "chat", "v1")],
-                          time_scale=0.01)
+    test_mesh = make_mesh(tmp_path, [Replica("chat-a", "chat", "v1"), Replica("chat-b", "chat", "v1")], time_scale=0.01)
     mesh = test_mesh.mesh
     mesh.extproc_workers = 2
     with mesh:
@@ -42,8 +43,10 @@ def test_two_extproc_workers_share_the_streams_and_one_endpoint_counts_both(tmp_
         assert len(ports) == 2 and len(set(ports)) == 2
         # The mesh was ready only once both workers listened; Envoy's health check admits each
         # within an interval (0.5 s) of that.
-        _wait(lambda: all(_health(mesh.admin_url, port) == "healthy" for port in ports),
-              "Envoy did not admit both ext_proc workers")
+        _wait(
+            lambda: all(_health(mesh.admin_url, port) == "healthy" for port in ports),
+            "Envoy did not admit both ext_proc workers",
+        )
         before_streams = _extproc_requests_by_port(mesh.admin_url)
         before_picks = _picks(mesh.ports.extproc_metrics)
         with httpx.Client(base_url=mesh.url, timeout=10) as client:
@@ -84,8 +87,11 @@ def test_a_dead_extproc_worker_leaves_envoys_balancing_and_is_restarted(tmp_path
                 assert response.status_code == 200, response.text
             # The supervisor starts a new worker 1; it listens once it has the routing table and
             # Envoy's health check lets it back in.
-            _wait(lambda: len(_children(supervisor)) == 2 and workers[1] not in _children(supervisor),
-                  "the dead worker was not restarted")
+            _wait(
+                lambda: len(_children(supervisor)) == 2 and workers[1] not in _children(supervisor),
+                "the dead worker was not restarted",
+            )
+
             # Back in Envoy's balancing (health check passed, ejection over): it takes streams again.
             def new_worker_serves() -> bool:
                 before = _extproc_requests_by_port(mesh.admin_url).get(dead_port, 0)

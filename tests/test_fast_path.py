@@ -1,6 +1,6 @@
 """The fast path (routing_mode: fast): Envoy routes without the ext_proc, on load-aware EDS weights.
 
-  chat  v1 (fast-a, fast-b), routing_mode fast
+chat  v1 (fast-a, fast-b), routing_mode fast
 """
 
 from __future__ import annotations
@@ -145,9 +145,10 @@ def test_translation_disables_the_extproc_on_fast_routes_and_sets_weights():
         on_internal_header = any(h.name == MODEL_HEADER for h in route.match.headers)
         assert disabled == (fast_model and not on_internal_header), route.name
     weights = {
-        f"{e.endpoint.address.socket_address.address}:{e.endpoint.address.socket_address.port_value}":
-            e.load_balancing_weight.value
-        for cla in resources.endpoints.values() for loc in cla.endpoints for e in loc.lb_endpoints
+        f"{e.endpoint.address.socket_address.address}:{e.endpoint.address.socket_address.port_value}": e.load_balancing_weight.value
+        for cla in resources.endpoints.values()
+        for loc in cla.endpoints
+        for e in loc.lb_endpoints
     }
     assert weights == {"10.0.0.1:1": 1, "10.0.0.2:1": 90, "10.0.0.3:1": 0}  # picker-mode b: Envoy's default
     # The filter is off by default (not even created on fast routes) and on for everything else.
@@ -194,7 +195,8 @@ def test_fast_path_logs_every_failure_and_one_in_n_successes(tmp_path):
         mixed = send_many(mesh.url, 60, lambda c, i: c.post("/v1/chat/completions", json=chat("chat"), headers=fast))
         failed = sum(r.status_code >= 500 for r in mixed)
         assert 0 < failed < 60 and all(r.status_code in (200, 500) for r in mixed), collections.Counter(
-            r.status_code for r in mixed)
+            r.status_code for r in mixed
+        )
 
         def delta(samples, name, **labels):
             return _sum(samples, name, **labels) - _sum(before, name, **labels)
@@ -202,8 +204,10 @@ def test_fast_path_logs_every_failure_and_one_in_n_successes(tmp_path):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             after = scrape(mesh.ports.control_plane_metrics)
-            if (delta(after, "imesh_requests_total", model="code") >= 30
-                    and delta(after, "imesh_request_errors_total", model="chat") >= failed):
+            if (
+                delta(after, "imesh_requests_total", model="code") >= 30
+                and delta(after, "imesh_request_errors_total", model="chat") >= failed
+            ):
                 break
             time.sleep(0.1)
         time.sleep(0.5)  # the sampled successes' last flush

@@ -34,10 +34,12 @@ MODEL = "llama-3-8b"
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def replica(name: str, gpu: str = "h100", models: tuple[str, ...] = (MODEL,), version: str | None = None,
-            **overrides: Any) -> ReplicaConfig:
-    return ReplicaConfig(name=name, address="127.0.0.1:0", models=list(models), gpu=gpu, version=version,
-                         overrides=overrides)
+def replica(
+    name: str, gpu: str = "h100", models: tuple[str, ...] = (MODEL,), version: str | None = None, **overrides: Any
+) -> ReplicaConfig:
+    return ReplicaConfig(
+        name=name, address="127.0.0.1:0", models=list(models), gpu=gpu, version=version, overrides=overrides
+    )
 
 
 async def fleet_of(*replicas: ReplicaConfig, seed: int = 1, time_scale: float = 1.0) -> RunningFleet:
@@ -56,8 +58,9 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     return out
 
 
-async def chat(session: aiohttp.ClientSession, url: str, content: str, max_tokens: int | None = None,
-               model: str = MODEL) -> tuple[int, dict[str, Any], float]:
+async def chat(
+    session: aiohttp.ClientSession, url: str, content: str, max_tokens: int | None = None, model: str = MODEL
+) -> tuple[int, dict[str, Any], float]:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -72,8 +75,9 @@ def long_text(n_words: int, tag: str = "w") -> str:
 
 
 def openai_client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sim", max_retries=0,
-                              http_client=httpx.AsyncClient(trust_env=False))
+    return openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="sim", max_retries=0, http_client=httpx.AsyncClient(trust_env=False)
+    )
 
 
 async def until(predicate: Any, timeout: float = 3.0) -> None:
@@ -97,14 +101,18 @@ def test_demo_fleet_matches_demo_mesh():
     fleet = FleetConfig.load(ROOT / "examples/demo/fleet.yaml")
     mesh = yaml.safe_load((ROOT / "examples/demo/mesh.yaml").read_text())
     want = {
-        ep["address"]: (m["name"], v["name"])
-        for m in mesh["models"] for v in m["versions"] for ep in v["endpoints"]
+        ep["address"]: (m["name"], v["name"]) for m in mesh["models"] for v in m["versions"] for ep in v["endpoints"]
     }
     have = {r.address: (r.models[0], r.version) for r in fleet.replicas}
     assert have == want
     gpus = {r.address: r.gpu for r in fleet.replicas}
-    assert gpus == {"127.0.0.1:19000": "h100", "127.0.0.1:19001": "l4", "127.0.0.1:19002": "h100",
-                    "127.0.0.1:19003": "l4", "127.0.0.1:19004": "cpu"}
+    assert gpus == {
+        "127.0.0.1:19000": "h100",
+        "127.0.0.1:19001": "l4",
+        "127.0.0.1:19002": "h100",
+        "127.0.0.1:19003": "l4",
+        "127.0.0.1:19004": "cpu",
+    }
 
 
 @pytest.mark.parametrize(
@@ -113,10 +121,16 @@ def test_demo_fleet_matches_demo_mesh():
         ("{name: b, address: '127.0.0.1:1', models: [m], gpu: h900}", "replicas[1].gpu", "unknown GPU profile"),
         ("{name: b, address: '10.0.0.1:1', models: [m]}", "replicas[1].address", "loopback"),
         ("{name: b, address: 'nope', models: [m]}", "replicas[1].address", "host:port"),
-        ("{name: b, address: '127.0.0.1:1', models: [m], overrides: {slots: 3}}", "replicas[1].overrides",
-         "unknown override"),
-        ("{name: b, address: '127.0.0.1:1', models: [m], overrides: {max_num_seqs: 0}}",
-         "replicas[1].overrides", "positive integer"),
+        (
+            "{name: b, address: '127.0.0.1:1', models: [m], overrides: {slots: 3}}",
+            "replicas[1].overrides",
+            "unknown override",
+        ),
+        (
+            "{name: b, address: '127.0.0.1:1', models: [m], overrides: {max_num_seqs: 0}}",
+            "replicas[1].overrides",
+            "positive integer",
+        ),
         ("{name: b, address: '127.0.0.1:1', models: []}", "replicas[1].models", "at least 1"),
         ("{name: b, address: '127.0.0.1:1', models: [m], colour: red}", "replicas[1].colour", "Extra inputs"),
         ("{name: a, address: '127.0.0.1:2', models: [m]}", "(top level)", "duplicate replica name"),
@@ -153,7 +167,8 @@ async def test_openai_client_chat_stream_and_non_stream():
     async with await fleet_of(replica("a"), time_scale=0.05) as fleet:
         client = openai_client(fleet["a"].url)
         resp = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=7)
+            model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=7
+        )
         assert resp.object == "chat.completion"
         assert resp.choices[0].finish_reason == "length"
         assert len(resp.choices[0].message.content.split()) == 7
@@ -162,8 +177,12 @@ async def test_openai_client_chat_stream_and_non_stream():
         assert resp.usage.total_tokens == resp.usage.prompt_tokens + 7
 
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=7, stream=True,
-            stream_options={"include_usage": True})
+            model=MODEL,
+            messages=[{"role": "user", "content": "hello there"}],
+            max_tokens=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, usage, reasons = "", None, []
         async for chunk in stream:
             assert chunk.object == "chat.completion.chunk"
@@ -190,8 +209,9 @@ async def test_openai_completions_embeddings_models():
         assert len(comp.choices[0].text.split()) == 5
 
         text = ""
-        async for chunk in await client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=5,
-                                                          stream=True):
+        async for chunk in await client.completions.create(
+            model=MODEL, prompt="once upon a time", max_tokens=5, stream=True
+        ):
             text += "".join(c.text for c in chunk.choices)
         assert text == comp.choices[0].text
 
@@ -220,9 +240,10 @@ async def test_error_envelopes_and_replica_header(session):
         assert status == 404 and body["error"]["code"] == "model_not_found"
         async with session.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": []}) as resp:
             assert resp.status == 400
-        async with session.post(f"{url}/v1/chat/completions",
-                                json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                      "max_tokens": 100000}) as resp:
+        async with session.post(
+            f"{url}/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
+        ) as resp:
             assert resp.status == 400 and (await resp.json())["error"]["code"] == "context_length_exceeded"
         async with session.get(f"{url}/nowhere") as resp:
             assert resp.status == 404 and resp.headers["x-sim-replica"] == "edge-1"
@@ -241,8 +262,9 @@ async def test_error_envelopes_and_replica_header(session):
 
 
 async def test_profiles_rank_h100_before_l4_before_cpu(session):
-    async with await fleet_of(replica("h", gpu="h100"), replica("l", gpu="l4"), replica("c", gpu="cpu"),
-                              time_scale=0.1) as fleet:
+    async with await fleet_of(
+        replica("h", gpu="h100"), replica("l", gpu="l4"), replica("c", gpu="cpu"), time_scale=0.1
+    ) as fleet:
         times = {}
         for name in ("h", "l", "c"):
             status, _, times[name] = await chat(session, fleet[name].url, "the same prompt", max_tokens=10)
@@ -306,8 +328,9 @@ async def test_repeated_prompt_prefills_faster(session):
 
 
 async def test_kv_cache_use_follows_tokens_held(session):
-    cfg = replica("a", kv_capacity_tokens=2000, max_num_seqs=8, decode_base_s=0.01, decode_per_seq_s=0.0,
-                  prefill_s_per_token=0.0)
+    cfg = replica(
+        "a", kv_capacity_tokens=2000, max_num_seqs=8, decode_base_s=0.01, decode_per_seq_s=0.0, prefill_s_per_token=0.0
+    )
     async with await fleet_of(cfg) as fleet:
         url, engine = fleet["a"].url, fleet.engine("a")
         task = asyncio.create_task(chat(session, url, long_text(400), max_tokens=60))
@@ -324,8 +347,9 @@ async def test_kv_cache_use_follows_tokens_held(session):
 
         # Admission respects KV capacity: each needs ~900 tokens, so only 2 of 5 run at once
         # although 8 slots are free.
-        tasks = [asyncio.create_task(chat(session, url, long_text(800, tag="abcde"[i]), max_tokens=100))
-                 for i in range(5)]
+        tasks = [
+            asyncio.create_task(chat(session, url, long_text(800, tag="abcde"[i]), max_tokens=100)) for i in range(5)
+        ]
         await until(lambda: engine.num_running + engine.num_waiting == 5)
         await asyncio.sleep(0.05)
         state = engine.state()
@@ -353,7 +377,9 @@ async def test_error_injection_rate_and_reset(session):
         assert {s for s, _, _ in results} == {200}
         async with session.get(f"{url}/sim/state") as resp:
             state = await resp.json()
-        assert state["errors_injected"] == statuses.count(503) and state["served"] == 200 - state["errors_injected"] + 20
+        assert (
+            state["errors_injected"] == statuses.count(503) and state["served"] == 200 - state["errors_injected"] + 20
+        )
 
 
 async def test_fault_admin_rejects_bad_values(session):
@@ -366,8 +392,14 @@ async def test_fault_admin_rejects_bad_values(session):
         async with session.post(f"{url}/sim/faults", data=b"[") as resp:
             assert resp.status == 400
         async with session.get(f"{url}/sim/faults") as resp:
-            assert await resp.json() == {"error_rate": 0.0, "error_status": 500, "stall_s": 0.0, "slowdown": 1.0,
-                                         "extra_waiting": 0, "not_ready": False}
+            assert await resp.json() == {
+                "error_rate": 0.0,
+                "error_status": 500,
+                "stall_s": 0.0,
+                "slowdown": 1.0,
+                "extra_waiting": 0,
+                "not_ready": False,
+            }
 
 
 async def test_slowdown_and_stall(session):
@@ -403,8 +435,12 @@ async def test_not_ready_fault_fails_readiness_only(session):
     async with await fleet_of(replica("a", version="v1"), time_scale=0.05) as fleet:
         url = fleet["a"].url
         await session.post(f"{url}/sim/faults", json={"not_ready": True})
-        for path, status in (("/v2/health/live", 200), ("/v2/health/ready", 503), ("/health", 503),
-                             (f"/v2/models/{MODEL}/ready", 503)):
+        for path, status in (
+            ("/v2/health/live", 200),
+            ("/v2/health/ready", 503),
+            ("/health", 503),
+            (f"/v2/models/{MODEL}/ready", 503),
+        ):
             async with session.get(f"{url}{path}") as resp:
                 assert resp.status == status, path
 
@@ -469,15 +505,18 @@ async def test_kserve_v2_rest(session):
             assert meta["name"] == "intent-classifier" and meta["versions"] == ["v1"]
         async with session.get(f"{base}/ready") as resp:
             assert resp.status == 200
-        req = {"id": "42", "inputs": [{"name": "INPUT0", "shape": [2, 2], "datatype": "FP32",
-                                       "data": [[1.0, 2.0], [3.0, 4.0]]}]}
+        req = {
+            "id": "42",
+            "inputs": [{"name": "INPUT0", "shape": [2, 2], "datatype": "FP32", "data": [[1.0, 2.0], [3.0, 4.0]]}],
+        }
         for path in (f"{base}/infer", f"{base}/versions/v1/infer"):
             async with session.post(path, json=req) as resp:
                 assert resp.status == 200, await resp.text()
                 out = await resp.json()
             assert out["model_name"] == "intent-classifier" and out["model_version"] == "v1" and out["id"] == "42"
-            assert out["outputs"] == [{"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 2],
-                                       "data": [1.0, 2.0, 3.0, 4.0]}]
+            assert out["outputs"] == [
+                {"name": "OUTPUT0", "datatype": "FP32", "shape": [2, 2], "data": [1.0, 2.0, 3.0, 4.0]}
+            ]
         async with session.post(f"{base}/versions/v9/infer", json=req) as resp:
             assert resp.status == 404 and "error" in await resp.json()
         async with session.post(f"{url}/v2/models/nope/infer", json=req) as resp:
@@ -503,8 +542,10 @@ async def test_kserve_v2_with_tritonclient_binary_tensors():
             inp.set_data_from_numpy(data, binary_data=True)
             words = httpclient.InferInput("TEXT", [2], "BYTES")
             words.set_data_from_numpy(np.array([b"book a flight", b"hi"], dtype=np.object_), binary_data=False)
-            outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
-                       httpclient.InferRequestedOutput("OUTPUT1", binary_data=True)]
+            outputs = [
+                httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
+                httpclient.InferRequestedOutput("OUTPUT1", binary_data=True),
+            ]
             result = await client.infer("intent-classifier", [inp, words], model_version="v1", outputs=outputs)
             assert np.array_equal(result.as_numpy("OUTPUT0"), data)
             assert list(result.as_numpy("OUTPUT1")) == [b"book a flight", b"hi"]
@@ -517,25 +558,38 @@ async def test_kserve_v2_with_tritonclient_binary_tensors():
 
 def test_cli_runs_until_sigterm(tmp_path):
     ports = free_ports(2)
-    cfg = {"seed": 3, "time_scale": 1.0, "replicas": [
-        {"name": f"r{i}", "address": f"127.0.0.1:{p}", "models": [MODEL], "gpu": gpu}
-        for i, (p, gpu) in enumerate(zip(ports, ("h100", "cpu"), strict=True))]}
+    cfg = {
+        "seed": 3,
+        "time_scale": 1.0,
+        "replicas": [
+            {"name": f"r{i}", "address": f"127.0.0.1:{p}", "models": [MODEL], "gpu": gpu}
+            for i, (p, gpu) in enumerate(zip(ports, ("h100", "cpu"), strict=True))
+        ],
+    }
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with (tmp_path / "stderr.log").open("w+") as errlog, subprocess.Popen(
-        [sys.executable, "-m", "fleet", "--config", str(path), "--time-scale", "0.1"],
-        stdout=subprocess.PIPE, stderr=errlog, text=True, env=env, cwd=ROOT,
-    ) as proc:
+    with (
+        (tmp_path / "stderr.log").open("w+") as errlog,
+        subprocess.Popen(
+            [sys.executable, "-m", "fleet", "--config", str(path), "--time-scale", "0.1"],
+            stdout=subprocess.PIPE,
+            stderr=errlog,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        ) as proc,
+    ):
         try:
             line = proc.stdout.readline()
             assert line.strip() == "fleet ready: 2 replicas", (line, errlog.seek(0), errlog.read())
             with httpx.Client(trust_env=False, timeout=5) as http:
                 for p in ports:
                     assert http.get(f"http://127.0.0.1:{p}/v2/health/ready").status_code == 200
-                r = http.post(f"http://127.0.0.1:{ports[1]}/v1/chat/completions",
-                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                    "max_tokens": 2})
+                r = http.post(
+                    f"http://127.0.0.1:{ports[1]}/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                )
                 assert r.status_code == 200 and r.headers["x-sim-replica"] == "r1"
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
@@ -548,10 +602,15 @@ def test_cli_runs_until_sigterm(tmp_path):
 
 def test_cli_bad_config_exits_2_naming_the_field(tmp_path):
     path = tmp_path / "fleet.yaml"
-    path.write_text(json.dumps({"replicas": [{"name": "a", "address": "127.0.0.1:1", "models": ["m"],
-                                              "gpu": "tpu"}]}))
-    proc = subprocess.run([sys.executable, "-m", "fleet", "--config", str(path)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=30)
+    path.write_text(json.dumps({"replicas": [{"name": "a", "address": "127.0.0.1:1", "models": ["m"], "gpu": "tpu"}]}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleet", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=30,
+    )
     assert proc.returncode == 2
     assert str(path) in proc.stderr and "replicas[0].gpu" in proc.stderr
     assert proc.stdout == ""

@@ -252,7 +252,10 @@ def test_targets_from_table() -> None:
                     mesh_pb2.ModelVersion(
                         name="v1",
                         engine="vllm",
-                        endpoints=[mesh_pb2.Endpoint(address="10.0.0.1:8000"), mesh_pb2.Endpoint(address="10.0.0.2:8000", drained=True)],
+                        endpoints=[
+                            mesh_pb2.Endpoint(address="10.0.0.1:8000"),
+                            mesh_pb2.Endpoint(address="10.0.0.2:8000", drained=True),
+                        ],
                     ),
                     mesh_pb2.ModelVersion(name="v2", engine="", endpoints=[mesh_pb2.Endpoint(address="10.0.0.3:8000")]),
                 ],
@@ -430,7 +433,9 @@ async def test_hanging_replica_does_not_stall_the_others(replicas) -> None:
 async def test_set_targets_adds_and_removes(replicas) -> None:
     a, b = await replicas(), await replicas()
     removed: list[str] = []
-    monitor = LoadMonitor([ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT, on_remove=removed.append)
+    monitor = LoadMonitor(
+        [ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT, on_remove=removed.append
+    )
     await monitor.start()
     try:
         await _until(monitor, lambda e: set(e) == {a.address}, 2)

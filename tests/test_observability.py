@@ -25,10 +25,9 @@ import grpc
 import httpx
 import pytest
 import yaml
+from click.testing import CliRunner
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from prometheus_client.parser import text_string_to_metric_families
-
-from click.testing import CliRunner
 
 from imesh.cli import cli
 from tests.harness import Replica, chat, make_mesh
@@ -46,11 +45,13 @@ class Collector:
         self.spans: list = []
         handler = grpc.method_handlers_generic_handler(
             "opentelemetry.proto.collector.trace.v1.TraceService",
-            {"Export": grpc.unary_unary_rpc_method_handler(
-                self._export,
-                request_deserializer=otlp.ExportTraceServiceRequest.FromString,
-                response_serializer=otlp.ExportTraceServiceResponse.SerializeToString,
-            )},
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    self._export,
+                    request_deserializer=otlp.ExportTraceServiceRequest.FromString,
+                    response_serializer=otlp.ExportTraceServiceResponse.SerializeToString,
+                )
+            },
         )
         self.server = grpc.server(futures.ThreadPoolExecutor(2))
         self.server.add_generic_rpc_handlers((handler,))
@@ -80,8 +81,12 @@ def mesh(tmp_path_factory, collector):
         priorities=PRIORITIES,
     )
     test_mesh.mesh.controlplane_args = (
-        "--access-log-flush", "0.1", "--stats-window", str(WINDOW_S),
-        "--tracing-collector", f"127.0.0.1:{collector.port}",
+        "--access-log-flush",
+        "0.1",
+        "--stats-window",
+        str(WINDOW_S),
+        "--tracing-collector",
+        f"127.0.0.1:{collector.port}",
     )
     test_mesh.mesh.extproc_args = ("--token-sample-rate", "1")
     with test_mesh.mesh:
@@ -143,8 +148,13 @@ def wait_for_entries(mesh, at_least: float, timeout_s: float = 10.0) -> dict:
 
 
 def endpoint_labels(mesh, replica: str, model: str, version: str, pool: str, priority: str) -> dict:
-    return {"model": model, "version": version, "pool": pool, "endpoint": mesh.replica(replica).address,
-            "priority": priority}
+    return {
+        "model": model,
+        "version": version,
+        "pool": pool,
+        "endpoint": mesh.replica(replica).address,
+        "priority": priority,
+    }
 
 
 def unpacked(request_id: str) -> str:
@@ -153,8 +163,9 @@ def unpacked(request_id: str) -> str:
 
 def imesh(mesh, *args: str) -> subprocess.CompletedProcess:
     """The installed `imesh` as an operator runs it."""
-    return subprocess.run([IMESH, "--server", mesh.mesh.control_plane_address, *args],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [IMESH, "--server", mesh.mesh.control_plane_address, *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def imesh_in_process(mesh, *args: str):
@@ -171,14 +182,18 @@ def test_request_metrics_move_exactly_for_known_traffic(mesh):
     before_cp, before_ep = settled(mesh), ep_metrics(mesh)
     entries = value(before_cp, "imesh_access_log_entries_total")
     with httpx.Client(base_url=mesh.url, timeout=30) as client:
-        ok = [client.post("/v1/chat/completions", headers={"x-priority": "critical"}, json=chat("chat", max_tokens=3))
-              for _ in range(5)]
-        streamed = [client.post("/v1/chat/completions", json={**chat("chat", max_tokens=4), "stream": True})
-                    for _ in range(2)]
+        ok = [
+            client.post("/v1/chat/completions", headers={"x-priority": "critical"}, json=chat("chat", max_tokens=3))
+            for _ in range(5)
+        ]
+        streamed = [
+            client.post("/v1/chat/completions", json={**chat("chat", max_tokens=4), "stream": True}) for _ in range(2)
+        ]
         mesh.set_faults("code-b", error_rate=1.0)
         try:
-            failed = [client.post("/v1/completions", json={"model": "code", "prompt": "x", "max_tokens": 2})
-                      for _ in range(3)]
+            failed = [
+                client.post("/v1/completions", json={"model": "code", "prompt": "x", "max_tokens": 2}) for _ in range(3)
+            ]
         finally:
             mesh.set_faults("code-b", error_rate=0.0)
         unknown = client.post("/v1/chat/completions", json=chat("no-such-model"))
@@ -230,10 +245,15 @@ def test_output_tokens_reach_the_json_access_log(mesh):
         streamed = post(1, {**chat("chat", max_tokens=5), "stream": True, "stream_options": {"include_usage": True}})
         counted = post(2, {**chat("chat", max_tokens=4), "stream": True})  # no usage: one token per content chunk
     assert all(r.status_code == 200 for r in (plain, streamed, counted))
-    usage = [plain.json()["usage"]["completion_tokens"],
-             json.loads(streamed.text.split("data: ")[-2])["usage"]["completion_tokens"]]
-    chunks = sum(1 for event in counted.text.split("\n\n")
-                 if event.startswith("data: {") and json.loads(event[6:])["choices"][0]["delta"].get("content"))
+    usage = [
+        plain.json()["usage"]["completion_tokens"],
+        json.loads(streamed.text.split("data: ")[-2])["usage"]["completion_tokens"],
+    ]
+    chunks = sum(
+        1
+        for event in counted.text.split("\n\n")
+        if event.startswith("data: {") and json.loads(event[6:])["choices"][0]["delta"].get("content")
+    )
     log_path = mesh.mesh.workdir / "envoy" / "envoy.log"
     deadline = time.monotonic() + 10
     by_id: dict[str, dict] = {}
@@ -272,9 +292,11 @@ def test_shed_requests_are_counted_with_their_model_and_priority(mesh):
     after = wait_for_entries(mesh, entries + sent)
     after_ep = ep_metrics(mesh)
     shed_cp = value(after, "imesh_requests_shed_total", model="chat", priority="sheddable") - value(
-        before_cp, "imesh_requests_shed_total", model="chat", priority="sheddable")
-    shed_ep = value(after_ep, "imesh_extproc_refusals_total", model="chat", priority="sheddable", reason="overloaded") - value(
-        before_ep, "imesh_extproc_refusals_total", model="chat", priority="sheddable", reason="overloaded")
+        before_cp, "imesh_requests_shed_total", model="chat", priority="sheddable"
+    )
+    shed_ep = value(
+        after_ep, "imesh_extproc_refusals_total", model="chat", priority="sheddable", reason="overloaded"
+    ) - value(before_ep, "imesh_extproc_refusals_total", model="chat", priority="sheddable", reason="overloaded")
     assert shed_cp == 1 and shed_ep == 1
     assert value(after, "imesh_requests_rate_limited_total", model="chat", priority="sheddable") == 0
 
@@ -283,8 +305,11 @@ def test_labels_stay_bounded_whatever_clients_send(mesh):
     entries = value(cp_metrics(mesh), "imesh_access_log_entries_total")
     with httpx.Client(base_url=mesh.url, timeout=30) as client:
         for i in range(5):
-            client.post("/v1/chat/completions", headers={"x-model-id": f"junk-{i}", "x-priority": f"prio-{i}"},
-                        json=chat(f"junk-{i}"))
+            client.post(
+                "/v1/chat/completions",
+                headers={"x-model-id": f"junk-{i}", "x-priority": f"prio-{i}"},
+                json=chat(f"junk-{i}"),
+            )
             client.post("/v1/chat/completions", headers={"x-priority": f"prio-{i}"}, json=chat("chat"))
     wait_for_entries(mesh, entries + 10)
     for port in (mesh.mesh.ports.control_plane_metrics, mesh.mesh.ports.extproc_metrics):
@@ -292,8 +317,19 @@ def test_labels_stay_bounded_whatever_clients_send(mesh):
         assert "junk-" not in text and "prio-" not in text
     # Unknown priority names are the default class, as the picker treats them.
     samples = cp_metrics(mesh)
-    assert value(samples, "imesh_requests_total", model="other", version="none", pool="none", endpoint="none",
-                 priority="standard", code="404") >= 5
+    assert (
+        value(
+            samples,
+            "imesh_requests_total",
+            model="other",
+            version="none",
+            pool="none",
+            endpoint="none",
+            priority="standard",
+            code="404",
+        )
+        >= 5
+    )
 
 
 # ---------------------------------------------------------------- live load and xDS
@@ -352,11 +388,17 @@ def test_status_and_top_carry_the_right_numbers(mesh):
     before = traffic()
     with httpx.Client(base_url=mesh.url, timeout=30) as client:
         for _ in range(4):
-            assert client.post("/v1/completions", json={"model": "code", "prompt": "p", "max_tokens": 2}).status_code == 200
+            assert (
+                client.post("/v1/completions", json={"model": "code", "prompt": "p", "max_tokens": 2}).status_code
+                == 200
+            )
         mesh.set_faults("code-b", error_rate=1.0)
         try:
             for _ in range(2):
-                assert client.post("/v1/completions", json={"model": "code", "prompt": "p", "max_tokens": 2}).status_code == 500
+                assert (
+                    client.post("/v1/completions", json={"model": "code", "prompt": "p", "max_tokens": 2}).status_code
+                    == 500
+                )
         finally:
             mesh.set_faults("code-b", error_rate=0.0)
     wait_for_entries(mesh, entries + 6)
@@ -394,8 +436,12 @@ def test_status_and_top_carry_the_right_numbers(mesh):
 
 def test_envoy_traces_and_propagates_traceparent(mesh, collector):
     trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    response = httpx.post(f"{mesh.url}/v1/chat/completions", json=chat("chat"),
-                          headers={"traceparent": f"00-{trace_id}-{parent}-01"}, timeout=30)
+    response = httpx.post(
+        f"{mesh.url}/v1/chat/completions",
+        json=chat("chat"),
+        headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+        timeout=30,
+    )
     assert response.status_code == 200
     # The replica was called in the same trace, by Envoy's upstream span.
     _, seen_trace, seen_parent, _ = response.headers["x-sim-traceparent"].split("-")
@@ -431,16 +477,30 @@ def test_promtool_accepts_both_expositions(mesh):
             exported |= {name, f"{name}_bucket", f"{name}_count", f"{name}_sum"} if kind == "histogram" else {name}
 
     # deploy/: the scrape config is valid, and every dashboard query parses and names a series we export.
-    result = subprocess.run([promtool, "check", "config", str(REPO / "deploy/prometheus/prometheus.yml")],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [promtool, "check", "config", str(REPO / "deploy/prometheus/prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     dashboard = json.loads((REPO / "deploy/grafana/imesh-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
     assert len(exprs) >= 20
     concrete = [e.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$pool", ".*") for e in exprs]
     rules = mesh.mesh.workdir / "dashboard-rules.yaml"
-    rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(concrete)]}]}))
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "dashboard",
+                        "rules": [{"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(concrete)],
+                    }
+                ]
+            }
+        )
+    )
     result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     used = {name for e in exprs for name in re.findall(r"\b(imesh_[a-z_]+)", e)}

@@ -11,8 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.access_log import MeshLabels, to_record
 from controlplane.canary import VersionWindows
-from controlplane.translate_envoy import EnvoyOptions
-from controlplane.translate_telemetry import access_logs
 from controlplane.load_monitor import LoadMonitor
 from controlplane.mesh_model import build_mesh_model
 from controlplane.observability import Observability
@@ -21,6 +19,8 @@ from controlplane.request_record import RequestRecord, RequestRecords, weighted_
 from controlplane.request_stats import RequestStats
 from controlplane.snapshot import CLUSTER
 from controlplane.spec import parse_spec
+from controlplane.translate_envoy import EnvoyOptions
+from controlplane.translate_telemetry import access_logs
 from controlplane.xds_cache import SnapshotCache
 from extproc.telemetry import ExtprocMetrics, TokenMeter, TokenSampler
 from protos import mesh_pb2
@@ -41,15 +41,30 @@ def labels(spec: str = SPEC) -> MeshLabels:
 
 
 def record(**fields) -> RequestRecord:
-    base = dict(model="chat", version="v1", endpoint="10.0.0.1:8000", pool="fast", priority="standard", status=200,
-                duration_s=0.1, ttft_s=0.01, upstream_failure=False, shed=False, request_bytes=10, response_bytes=20)
+    base = dict(
+        model="chat",
+        version="v1",
+        endpoint="10.0.0.1:8000",
+        pool="fast",
+        priority="standard",
+        status=200,
+        duration_s=0.1,
+        ttft_s=0.01,
+        upstream_failure=False,
+        shed=False,
+        request_bytes=10,
+        response_bytes=20,
+    )
     return RequestRecord(**{**base, **fields})
 
 
 def samples(registry: CollectorRegistry) -> dict:
     text = generate_latest(registry).decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 # ---------------------------------------------------------------- records
@@ -121,7 +136,11 @@ def test_envoy_logs_filter_matches_the_weights():
     assert len({log.filter.SerializeToString() for log in logs}) == 1  # the same filter on both
     branches = logs[0].filter.or_filter.filters
     assert [b.WhichOneof("filter_specifier") for b in branches] == [
-        "metadata_filter", "status_code_filter", "response_flag_filter", "runtime_filter"]
+        "metadata_filter",
+        "status_code_filter",
+        "response_flag_filter",
+        "runtime_filter",
+    ]
     assert branches[0].metadata_filter.matcher.filter == "envoy.lb"
     assert branches[0].metadata_filter.match_if_key_not_found.value is False  # Envoy's default would log all
     assert branches[1].status_code_filter.comparison.value.default_value == 400

@@ -66,7 +66,12 @@ def routing(versions: dict[str, list[mesh_pb2.Endpoint]] | list[mesh_pb2.Endpoin
         priorities=PRIORITIES,
         default_priority="standard",
         scoring=mesh_pb2.Scoring(
-            queue_weight=2, kv_cache_weight=2, inflight_weight=1, saturation_queue=5, saturation_kv=0.8, stale_after_s=2,
+            queue_weight=2,
+            kv_cache_weight=2,
+            inflight_weight=1,
+            saturation_queue=5,
+            saturation_kv=0.8,
+            stale_after_s=2,
             latency_weight=2,
         ),
     )
@@ -329,9 +334,7 @@ def test_version_pinned_by_path_gets_only_its_hosts():
 
 
 def test_version_without_routable_hosts_pins_the_other():
-    r = routing(
-        {"stable": eps(1, 2), "canary": eps(5, drained=True)}, weights={"stable": 90, "canary": 10}
-    )
+    r = routing({"stable": eps(1, 2), "canary": eps(5, drained=True)}, weights={"stable": 90, "canary": 10})
     result = pick(r, load())
     assert result.version == "stable" and set(result.hosts) == {addr(1), addr(2)}
 

@@ -130,7 +130,10 @@ async def test_200_models_reach_a_real_envoy_over_delta_xds(tmp_path: Path) -> N
                 "dynamic_warming_clusters"
             )
             eds = by_kind["EndpointsConfigDump"]["dynamic_endpoint_configs"]
-            assert sum(len(loc.get("lb_endpoints", [])) for e in eds for loc in e["endpoint_config"].get("endpoints", [])) == MODELS * 10
+            assert (
+                sum(len(loc.get("lb_endpoints", [])) for e in eds for loc in e["endpoint_config"].get("endpoints", []))
+                == MODELS * 10
+            )
             routes = by_kind["RoutesConfigDump"]["dynamic_route_configs"]
             assert [r["route_config"]["name"] for r in routes] == ["imesh_routes"]
 
@@ -141,11 +144,15 @@ async def test_200_models_reach_a_real_envoy_over_delta_xds(tmp_path: Path) -> N
             snapshot, _ = builder.build(Overrides(drained=frozenset({address})))
             v2 = await cache.publish(snapshot)
             await eventually(lambda: cache.status(node).synced_version == v2.version, 30, "the drain ACKed")
-            assert [(t, names) for t, v, names, _ in stream.sent_log if v == v2.version] == [(ENDPOINT, (cluster.cluster,))]
+            assert [(t, names) for t, v, names, _ in stream.sent_log if v == v2.version] == [
+                (ENDPOINT, (cluster.cluster,))
+            ]
             url = f"{admin}/config_dump?resource=dynamic_endpoint_configs&include_eds&name_regex=^{cluster.cluster}$"
             [config] = (await http.get(url)).json()["configs"]
             statuses = {
-                f"{lb['endpoint']['address']['socket_address']['address']}:{lb['endpoint']['address']['socket_address']['port_value']}": lb.get("health_status")
+                f"{lb['endpoint']['address']['socket_address']['address']}:{lb['endpoint']['address']['socket_address']['port_value']}": lb.get(
+                    "health_status"
+                )
                 for loc in config["endpoint_config"]["endpoints"]
                 for lb in loc["lb_endpoints"]
             }

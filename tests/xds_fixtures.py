@@ -53,7 +53,9 @@ def load_assignment(name: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
         cluster_name=name,
         endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address))]
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address))
+                ]
             )
         ],
     )
@@ -88,10 +90,14 @@ def to_cluster(prefix: str, cluster: str) -> route_components_pb2.Route:
 
 
 def to_weighted(prefix: str, weights: dict[str, int]) -> route_components_pb2.Route:
-    clusters = [route_components_pb2.WeightedCluster.ClusterWeight(name=n, weight={"value": w}) for n, w in weights.items()]
+    clusters = [
+        route_components_pb2.WeightedCluster.ClusterWeight(name=n, weight={"value": w}) for n, w in weights.items()
+    ]
     return route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix=prefix),
-        route=route_components_pb2.RouteAction(weighted_clusters=route_components_pb2.WeightedCluster(clusters=clusters)),
+        route=route_components_pb2.RouteAction(
+            weighted_clusters=route_components_pb2.WeightedCluster(clusters=clusters)
+        ),
     )
 
 

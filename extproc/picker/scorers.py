@@ -58,9 +58,7 @@ class KVCacheScorer:
         self.weight = weight
 
     def static(self, ctx: FilterContext, candidates: list[Candidate]) -> list[float]:
-        return [
-            NEUTRAL if c.kv_cache is None else 1.0 - min(1.0, max(0.0, c.kv_cache)) for c in candidates
-        ]
+        return [NEUTRAL if c.kv_cache is None else 1.0 - min(1.0, max(0.0, c.kv_cache)) for c in candidates]
 
     def inflight(self, ctx: FilterContext, candidates: list[Candidate]) -> None:
         return None

@@ -77,19 +77,52 @@ def set_(obj, model: str, version: str, percent: float) -> None:
 @canary.command()
 @click.argument("model")
 @click.argument("version")
-@click.option("--steps", type=STEPS, default="5,25,50,100", show_default=True,
-              help="Canary percentages, increasing; promotion follows the last.")
-@click.option("--interval", type=DURATION, default="30s", show_default=True,
-              help="How long each step must pass its gates before the next.")
-@click.option("--max-error-rate", type=PERCENT, default="1%", show_default=True,
-              help="Roll back when more of the canary's requests fail (5xx or upstream failure).")
-@click.option("--max-p99", type=DURATION, default="0", show_default=True,
-              help="Roll back when the canary's p99 request duration exceeds this (0: no latency gate).")
-@click.option("--min-samples", type=click.IntRange(0), default=20, show_default=True,
-              help="Canary requests a step needs before its gates are judged.")
+@click.option(
+    "--steps",
+    type=STEPS,
+    default="5,25,50,100",
+    show_default=True,
+    help="Canary percentages, increasing; promotion follows the last.",
+)
+@click.option(
+    "--interval",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="How long each step must pass its gates before the next.",
+)
+@click.option(
+    "--max-error-rate",
+    type=PERCENT,
+    default="1%",
+    show_default=True,
+    help="Roll back when more of the canary's requests fail (5xx or upstream failure).",
+)
+@click.option(
+    "--max-p99",
+    type=DURATION,
+    default="0",
+    show_default=True,
+    help="Roll back when the canary's p99 request duration exceeds this (0: no latency gate).",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(0),
+    default=20,
+    show_default=True,
+    help="Canary requests a step needs before its gates are judged.",
+)
 @click.pass_obj
-def start(obj, model: str, version: str, steps: list[float], interval: float, max_error_rate: float,
-          max_p99: float, min_samples: int) -> None:
+def start(
+    obj,
+    model: str,
+    version: str,
+    steps: list[float],
+    interval: float,
+    max_error_rate: float,
+    max_p99: float,
+    min_samples: int,
+) -> None:
     """Progressive canary: step VERSION's share while its error rate and p99 stay inside the gates.
 
     It rolls back by itself when a gate fails, and says why (`imesh canary status`).
@@ -109,8 +142,12 @@ def promote(obj, model: str) -> None:
     """Make MODEL's canary version take 100% of the traffic."""
     with obj.client() as client:
         change = client.promote(model)
-    _show_change(obj, change, f"{model}: {change.canary.version} promoted to 100% "
-                              f"(previous stable: {change.canary.previous_stable or 'none'})")
+    _show_change(
+        obj,
+        change,
+        f"{model}: {change.canary.version} promoted to 100% "
+        f"(previous stable: {change.canary.previous_stable or 'none'})",
+    )
 
 
 @canary.command()
@@ -169,18 +206,24 @@ def describe_canary(c: mesh_pb2.CanaryState) -> str:
     """The human block `canary status` and `describe model` print for one canary."""
     lines = [f"{c.model}: canary {c.version}, {c.phase.replace('_', ' ')}, {c.percent:g}%"]
     if c.steps:
-        lines[0] += f", step {c.step + 1}/{len(c.steps)} of {','.join(f'{s:g}' for s in c.steps)} every {c.interval_s:g}s"
+        lines[0] += (
+            f", step {c.step + 1}/{len(c.steps)} of {','.join(f'{s:g}' for s in c.steps)} every {c.interval_s:g}s"
+        )
     lines.append(f"  weights    {_weights(c.weights)}  (before the canary: {_weights(c.baseline_weights)})")
     if c.HasField("gates") and c.steps:
         g = c.gates
         p99 = f", p99 <= {g.max_p99_s:g}s" if g.max_p99_s > 0 else ""
-        lines.append(f"  gates      error rate <= {g.max_error_rate:.2%}{p99}, at least {g.min_samples} requests per step")
+        lines.append(
+            f"  gates      error rate <= {g.max_error_rate:.2%}{p99}, at least {g.min_samples} requests per step"
+        )
     for i, r in enumerate(c.readings):
         role = "canary" if i == 0 else "stable"
         p99 = f", p99 {r.p99_s:.3f}s" if r.samples else ""
         label = "readings" if i == 0 else ""
-        lines.append(f"  {label:<10} {r.version} ({role}): {r.samples} requests, {r.errors} failed "
-                     f"({r.error_rate:.1%}){p99} over {r.window_s:.1f}s")
+        lines.append(
+            f"  {label:<10} {r.version} ({role}): {r.samples} requests, {r.errors} failed "
+            f"({r.error_rate:.1%}){p99} over {r.window_s:.1f}s"
+        )
     if c.waiting_for:
         lines.append(f"  waiting    {c.waiting_for}")
     if c.previous_stable:

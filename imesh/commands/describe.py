@@ -53,8 +53,8 @@ def model(obj, name: str) -> None:
     sections = [
         f"model {name} (config version {status.config_version})",
         "VERSIONS\n" + table(versions, ["version", "weight", "percent", "engine", "context_window", "endpoints"]),
-        "ENDPOINTS\n" + table(endpoints, ["address", "version", "pool", "state", "waiting", "running", "kv_cache",
-                                          "age_s"]),
+        "ENDPOINTS\n"
+        + table(endpoints, ["address", "version", "pool", "state", "waiting", "running", "kv_cache", "age_s"]),
         f"A/B\n  sticky sessions  {('header ' + sticky) if sticky else 'off'}\n  forced version   {forced}",
         "CANARY\n" + (describe_canary(canaries[0]) if canaries else "  none"),
     ]

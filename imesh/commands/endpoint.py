@@ -31,8 +31,14 @@ def undrain(obj, address: str) -> None:
 def _set(obj, address: str, drained: bool) -> None:
     with obj.client() as client:
         result = client.set_drain(address, drained)
-    document = {"address": address, "drained": drained, "changed": result.changed, "model": result.model,
-                "version": result.version, "config_version": result.config_version}
+    document = {
+        "address": address,
+        "drained": drained,
+        "changed": result.changed,
+        "model": result.model,
+        "version": result.version,
+        "config_version": result.config_version,
+    }
     text = render_document(document, obj.output)
     if text is not None:
         echo(text)

@@ -45,11 +45,17 @@ def redraw(text: str) -> str:
 
 
 @click.command()
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
-              help="Seconds between refreshes.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Seconds between refreshes."
+)
 @click.option("--once", is_flag=True, help="Print one frame and exit (no terminal escapes).")
-@click.option("--iterations", type=click.IntRange(min=0), default=0, hidden=True,
-              help="Stop after N refreshes (0: until Ctrl-C); for tests.")
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="Stop after N refreshes (0: until Ctrl-C); for tests.",
+)
 @click.pass_obj
 def top(obj, interval: float, once: bool, iterations: int) -> None:
     """Endpoints with load, rate, p50/p99 and errors; models with weights; Envoy sync state, live."""
