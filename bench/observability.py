@@ -203,12 +203,12 @@ def _micro() -> dict[str, float]:
     from envoy.data.accesslog.v3 import accesslog_pb2
     from prometheus_client import CollectorRegistry
 
-    from controlplane.access_log import MeshLabels, to_record
-    from controlplane.mesh_model import build_mesh_model
-    from controlplane.request_metrics import RequestMetrics
-    from controlplane.request_stats import RequestStats
-    from controlplane.spec import parse_spec
-    from controlplane.translate_table import translate_routing_table
+    from controlplane.model.mesh_model import build_mesh_model
+    from controlplane.spec.schema import parse_spec
+    from controlplane.traffic.access_log import MeshLabels, to_record
+    from controlplane.traffic.metrics import RequestMetrics
+    from controlplane.traffic.stats import RequestStats
+    from controlplane.translate.table import translate_routing_table
     from extproc.routing_view import RoutingView
     from extproc.telemetry import ExtprocMetrics
 

@@ -30,13 +30,13 @@ from pathlib import Path
 import httpx
 import yaml
 
-from controlplane.mesh_model import Overrides, build_mesh_model
-from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
-from controlplane.spec import MeshSpec
-from controlplane.translate_envoy import EnvoyOptions, translate
-from controlplane.translate_memo import TranslationMemo
-from controlplane.translate_table import translate_routing_table
-from controlplane.xds_cache import BOOTSTRAP_CLUSTERS, SnapshotCache
+from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.spec.schema import MeshSpec
+from controlplane.translate.envoy import EnvoyOptions, translate
+from controlplane.translate.memo import TranslationMemo
+from controlplane.translate.table import translate_routing_table
+from controlplane.xds.cache import BOOTSTRAP_CLUSTERS, SnapshotCache
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
 
 TITLE = "Control-plane scale: 1,000 models, 10,000 endpoints"
 ORDER = 50
@@ -111,8 +111,8 @@ class Builder:
 
 def _clear_memos() -> None:
     """Forget every cross-build memo, so a "cold" build is what start-up pays."""
-    from controlplane import mesh_model
-    from controlplane import snapshot as snapshot_module
+    from controlplane.model import mesh_model
+    from controlplane.xds import snapshot as snapshot_module
 
     snapshot_module._REFS.clear()
     mesh_model._VERSIONS.clear()
@@ -202,7 +202,7 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
     """One fresh Envoy speaking `api` ("sotw" or "delta"): a full push, then `changes` one-endpoint changes."""
     import grpc
 
-    from controlplane import ads
+    from controlplane.xds import ads
     from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
     from imesh.local_mesh import free_ports
 

@@ -14,8 +14,8 @@ import uvloop
 from prometheus_client import disable_created_metrics
 
 from controlplane.server import ControlPlane, ControlPlaneConfig
-from controlplane.spec import SpecError, load_spec
-from controlplane.translate_envoy import EnvoyOptions
+from controlplane.spec.schema import SpecError, load_spec
+from controlplane.translate.envoy import EnvoyOptions
 from telemetry.http_server import start_http_server
 
 

@@ -16,22 +16,23 @@ from pathlib import Path
 
 import grpc
 
-from controlplane import ads, mesh_api
+from controlplane.api import mesh_api
 from controlplane.broadcast import Latest
-from controlplane.canary import CanaryController, reconcile_overrides
+from controlplane.canary.controller import CanaryController, reconcile_overrides
 from controlplane.errors import ConfigRejected
-from controlplane.fast_path import LoadWeights
-from controlplane.load_monitor import LoadMonitor, targets_from_table
-from controlplane.mesh_model import Overrides, build_mesh_model
-from controlplane.observability import Observability
-from controlplane.snapshot import Snapshot, resources_by_type
-from controlplane.spec import MeshSpec, dump_spec
-from controlplane.spec_diff import diff_specs
-from controlplane.store import StateStore
-from controlplane.translate_envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
-from controlplane.translate_memo import TranslationMemo
-from controlplane.translate_table import translate_routing_table
-from controlplane.xds_cache import SnapshotCache
+from controlplane.load.fast_path import LoadWeights
+from controlplane.load.monitor import LoadMonitor, targets_from_table
+from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.spec.diff import diff_specs
+from controlplane.spec.schema import MeshSpec, dump_spec
+from controlplane.state.store import StateStore
+from controlplane.traffic.observability import Observability
+from controlplane.translate.envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
+from controlplane.translate.memo import TranslationMemo
+from controlplane.translate.table import translate_routing_table
+from controlplane.xds import ads
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.snapshot import Snapshot, resources_by_type
 from protos import mesh_pb2
 
 log = logging.getLogger("imesh.controlplane")
@@ -74,7 +75,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task] = []
         self._server: grpc.aio.Server | None = None
         self.canary = CanaryController(self)
-        self.load_weights = LoadWeights()  # EDS weights of the fast path's replicas (controlplane/fast_path.py)
+        self.load_weights = LoadWeights()  # EDS weights of the fast path's replicas (controlplane/load/fast_path.py)
 
     # ------------------------------------------------------------ lifecycle
 

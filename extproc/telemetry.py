@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-METADATA_NAMESPACE = "imesh"  # controlplane/access_log.py reads the same keys
+METADATA_NAMESPACE = "imesh"  # controlplane/traffic/access_log.py reads the same keys
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_BUFFERED_BODY = 1 << 20  # an unstreamed body larger than this is not counted (a JSON object, not a stream)

@@ -15,8 +15,9 @@ import httpx
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane import ads
-from controlplane.snapshot import (
+from controlplane.xds import ads
+from controlplane.xds.cache import Publisher, SnapshotCache
+from controlplane.xds.snapshot import (
     CLUSTER,
     ENDPOINT,
     LISTENER,
@@ -25,7 +26,6 @@ from controlplane.snapshot import (
     Snapshot,
     check_consistency,
 )
-from controlplane.xds_cache import Publisher, SnapshotCache
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from imesh.processes import ManagedProcess
 from tests.xds_fixtures import (

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane import ads
-from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
-from controlplane.xds_cache import SnapshotCache
+from controlplane.xds import ads
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from tests.test_ads import Mesh, envoy_on_ads, eventually, start_xds
 from tests.xds_fixtures import (
     FakeEnvoyBase,

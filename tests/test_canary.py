@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from controlplane.canary import CanaryController, GateReading, VersionWindows, judge, reconcile_overrides
-from controlplane.canary_state import (
+from controlplane.canary.controller import CanaryController, GateReading, VersionWindows, judge, reconcile_overrides
+from controlplane.canary.state import (
     MANUAL,
     PROGRESSING,
     PROMOTED,
@@ -25,11 +25,11 @@ from controlplane.canary_state import (
     canary_weights,
 )
 from controlplane.errors import Conflict, InvalidRequest
-from controlplane.mesh_model import Overrides, build_mesh_model
-from controlplane.request_record import RequestRecord
+from controlplane.model.mesh_model import Overrides, build_mesh_model
 from controlplane.server import ControlPlane, ControlPlaneConfig
-from controlplane.spec import parse_spec
-from controlplane.store import STATE_FILE, StateStore
+from controlplane.spec.schema import parse_spec
+from controlplane.state.store import STATE_FILE, StateStore
+from controlplane.traffic.record import RequestRecord
 from imesh.local_mesh import free_ports
 
 SPEC = """

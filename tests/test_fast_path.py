@@ -12,8 +12,8 @@ import time
 import httpx
 import yaml
 
-from controlplane.fast_path import MIN_WEIGHT, LoadWeights, endpoint_weight
-from controlplane.spec import ScoringSpec, parse_spec
+from controlplane.load.fast_path import MIN_WEIGHT, LoadWeights, endpoint_weight
+from controlplane.spec.schema import ScoringSpec, parse_spec
 from protos import mesh_pb2
 from tests.harness import Replica, chat, make_mesh, send_many
 from tests.test_observability import scrape
@@ -133,8 +133,8 @@ def test_hysteresis_holds_small_changes_and_rate_limits():
 
 
 def test_translation_disables_the_extproc_on_fast_routes_and_sets_weights():
-    from controlplane.mesh_model import build_mesh_model
-    from controlplane.translate_envoy import EXTPROC_FILTER, MODEL_HEADER, translate
+    from controlplane.model.mesh_model import build_mesh_model
+    from controlplane.translate.envoy import EXTPROC_FILTER, MODEL_HEADER, translate
 
     model = build_mesh_model(SPEC, lb_weights={"10.0.0.1:1": 1, "10.0.0.2:1": 90, "10.0.0.3:1": 7})
     resources = translate(model)

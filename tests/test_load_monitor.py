@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from controlplane.load_monitor import LoadMonitor, MonitorStopped, ScrapeTarget, targets_from_table
-from controlplane.metrics_parsing import (
+from controlplane.load.metrics_parsing import (
     EngineLoad,
     parse_engine_load,
     sample_values,
     select_families,
     wanted_names,
 )
+from controlplane.load.monitor import LoadMonitor, MonitorStopped, ScrapeTarget, targets_from_table
 from protos import mesh_pb2
 
 # ---------------------------------------------------------------- fixtures in each engine's format
@@ -491,8 +491,8 @@ async def test_wait_for_report_times_out_when_not_started() -> None:
 
 
 def test_recent_latency_comes_from_histogram_deltas_between_scrapes():
-    from controlplane.load_monitor import _recent_latency
-    from controlplane.metrics_parsing import EngineLoad, parse_engine_load
+    from controlplane.load.metrics_parsing import EngineLoad, parse_engine_load
+    from controlplane.load.monitor import _recent_latency
 
     page = (
         "# TYPE vllm:e2e_request_latency_seconds histogram\n"

@@ -9,19 +9,19 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane.access_log import MeshLabels, to_record
-from controlplane.canary import VersionWindows
-from controlplane.load_monitor import LoadMonitor
-from controlplane.mesh_model import build_mesh_model
-from controlplane.observability import Observability
-from controlplane.request_metrics import RequestMetrics, code_label
-from controlplane.request_record import RequestRecord, RequestRecords, weighted_percentile
-from controlplane.request_stats import RequestStats
-from controlplane.snapshot import CLUSTER
-from controlplane.spec import parse_spec
-from controlplane.translate_envoy import EnvoyOptions
-from controlplane.translate_telemetry import access_logs
-from controlplane.xds_cache import SnapshotCache
+from controlplane.canary.controller import VersionWindows
+from controlplane.load.monitor import LoadMonitor
+from controlplane.model.mesh_model import build_mesh_model
+from controlplane.spec.schema import parse_spec
+from controlplane.traffic.access_log import MeshLabels, to_record
+from controlplane.traffic.metrics import RequestMetrics, code_label
+from controlplane.traffic.observability import Observability
+from controlplane.traffic.record import RequestRecord, RequestRecords, weighted_percentile
+from controlplane.traffic.stats import RequestStats
+from controlplane.translate.envoy import EnvoyOptions
+from controlplane.translate.telemetry import access_logs
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.snapshot import CLUSTER
 from extproc.telemetry import ExtprocMetrics, TokenMeter, TokenSampler
 from protos import mesh_pb2
 

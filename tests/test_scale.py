@@ -15,12 +15,13 @@ import grpc
 import httpx
 
 from bench.scale import STATIC_CLUSTERS, Builder, envoy_options, synthetic_spec
-from controlplane import ads, mesh_model
-from controlplane.mesh_model import Overrides, build_mesh_model
-from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
-from controlplane.spec import MeshSpec
-from controlplane.translate_envoy import translate
-from controlplane.xds_cache import SnapshotCache
+from controlplane.model import mesh_model
+from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.spec.schema import MeshSpec
+from controlplane.translate.envoy import translate
+from controlplane.xds import ads
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from tests.test_ads import eventually
 from tests.xds_fixtures import free_port

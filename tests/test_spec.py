@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.mesh_model import Overrides, build_mesh_model
-from controlplane.spec import SpecError, dump_spec, load_spec, parse_spec
-from controlplane.spec_diff import diff_specs
+from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.spec.diff import diff_specs
+from controlplane.spec.schema import SpecError, dump_spec, load_spec, parse_spec
 from imesh.local_mesh import DEMO_SPEC
 
 GOOD = """
@@ -93,7 +93,7 @@ def test_diff_is_keyed_by_name():
 
 
 def test_mesh_model_reuses_unchanged_versions_and_matches_a_cold_build():
-    import controlplane.mesh_model as mesh_model
+    import controlplane.model.mesh_model as mesh_model
 
     spec = parse_spec(GOOD)
     first = build_mesh_model(spec)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import grpc
 
-from controlplane.canary import CanaryView, reconcile_overrides
-from controlplane.canary_state import Gates
-from controlplane.drain import set_drain
+from controlplane.api.route_table import route_entries
+from controlplane.canary.controller import CanaryView, reconcile_overrides
+from controlplane.canary.drain import set_drain
+from controlplane.canary.state import Gates
 from controlplane.errors import ConfigRejected, Conflict, InvalidRequest
-from controlplane.mesh_model import build_mesh_model
-from controlplane.route_table import route_entries
-from controlplane.spec import SpecError, parse_spec
+from controlplane.model.mesh_model import build_mesh_model
+from controlplane.spec.schema import SpecError, parse_spec
 from protos import mesh_pb2, mesh_pb2_grpc
 
 

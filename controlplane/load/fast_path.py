@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from controlplane.mesh_model import routing_mode
-from controlplane.spec import MeshSpec, ScoringSpec
+from controlplane.model.mesh_model import routing_mode
+from controlplane.spec.schema import MeshSpec, ScoringSpec
 from protos import mesh_pb2
 
 MIN_WEIGHT = 1

@@ -1,6 +1,6 @@
 """Canary state: what a canary of one model is doing, as persisted with the mesh's overrides.
 
-Kept apart from the controller (``controlplane/canary.py``) because the mesh model and the state
+Kept apart from the controller (``controlplane/canary/controller.py``) because the mesh model and the state
 store need the type, and neither should import the controller. Everything here is pure: frozen
 dataclasses, the weight arithmetic, and the JSON form the store writes.
 

@@ -27,8 +27,8 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from controlplane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER, WILDCARD_TYPES, Snapshot
-from controlplane.xds_cache import SnapshotCache, Watch
+from controlplane.xds.cache import SnapshotCache, Watch
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER, WILDCARD_TYPES, Snapshot
 
 log = logging.getLogger("imesh.xds")
 

@@ -5,7 +5,7 @@ version its weighted split chose, the replica that actually served after retries
 the client got, Envoy's own failures, and the time to first upstream byte), and it reports all of
 that from C++, batched per flush interval, at no cost to the request path.
 
-Each entry becomes a ``RequestRecord`` (controlplane/request_record.py) and goes to every sink.
+Each entry becomes a ``RequestRecord`` (controlplane/traffic/record.py) and goes to every sink.
 Labels are resolved against the mesh model of the moment (``MeshLabels``): the upstream cluster
 names model and version, the upstream host names the endpoint and so its pool; requests that never
 reached a cluster (shed, unknown model) fall back to what the ext_proc left in dynamic metadata.
@@ -23,9 +23,9 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from controlplane.mesh_model import MeshModel
-from controlplane.request_record import RequestRecord, RequestRecords
-from controlplane.translate_telemetry import LOGGED_STATUS, PICK_METADATA_KEY, PICK_METADATA_NAMESPACE
+from controlplane.model.mesh_model import MeshModel
+from controlplane.traffic.record import RequestRecord, RequestRecords
+from controlplane.translate.telemetry import LOGGED_STATUS, PICK_METADATA_KEY, PICK_METADATA_NAMESPACE
 
 log = logging.getLogger("imesh.accesslog")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from controlplane.canary_state import CanaryState
-from controlplane.spec import Defaults, MeshSpec, ScoringSpec
+from controlplane.canary.state import CanaryState
+from controlplane.spec.schema import Defaults, MeshSpec, ScoringSpec
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class EndpointModel:
     zone: str
     drained: bool
     max_concurrency: int
-    # EDS load_balancing_weight from live load, for models on the fast path (controlplane/fast_path.py);
+    # EDS load_balancing_weight from live load, for models on the fast path (controlplane/load/fast_path.py);
     # 0 = none (Envoy's default of 1 for every host).
     lb_weight: int = 0
 
@@ -189,7 +189,7 @@ _VERSIONS: dict[int, _VersionEntry] = {}  # id(VersionSpec) -> entry, for the ve
 
 
 # Unchanged parts of the model stay the very same objects from one rebuild to the next: the
-# translation memo (controlplane/translate_memo.py) then finds them by identity, and a
+# translation memo (controlplane/translate/memo.py) then finds them by identity, and a
 # one-endpoint change at 10,000 endpoints rebuilds in milliseconds (docs/xds.md).
 _SHARED: dict[tuple, object] = {}
 _SHARED_OLD: dict[tuple, object] = {}  # the previous generation: what is still used moves back

@@ -25,14 +25,14 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from controlplane.access_log import AccessLogServicer, MeshLabels
-from controlplane.access_log import add_to_server as add_access_log_server
-from controlplane.load_monitor import LoadMonitor
-from controlplane.mesh_model import MeshModel
-from controlplane.request_metrics import RequestMetrics
-from controlplane.request_record import RequestRecords
-from controlplane.request_stats import RequestStats
-from controlplane.xds_cache import SnapshotCache
+from controlplane.load.monitor import LoadMonitor
+from controlplane.model.mesh_model import MeshModel
+from controlplane.traffic.access_log import AccessLogServicer, MeshLabels
+from controlplane.traffic.access_log import add_to_server as add_access_log_server
+from controlplane.traffic.metrics import RequestMetrics
+from controlplane.traffic.record import RequestRecords
+from controlplane.traffic.stats import RequestStats
+from controlplane.xds.cache import SnapshotCache
 from protos import mesh_pb2
 
 CONVERGENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

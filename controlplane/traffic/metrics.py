@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from controlplane.access_log import MeshLabels
-from controlplane.request_record import RequestRecord
+from controlplane.traffic.access_log import MeshLabels
+from controlplane.traffic.record import RequestRecord
 
 # Status codes worth their own series; anything else is counted by class.
 KNOWN_CODES = frozenset({200, 201, 204, 400, 401, 403, 404, 408, 413, 422, 429, 499, 500, 502, 503, 504})

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from google.protobuf import any_pb2
 
-from controlplane.snapshot import InconsistentSnapshotError, Snapshot, check_consistency
+from controlplane.xds.snapshot import InconsistentSnapshotError, Snapshot, check_consistency
 
 log = logging.getLogger("imesh.xds")
 

@@ -15,8 +15,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from controlplane.access_log import MeshLabels
-from controlplane.request_record import RequestRecord, weighted_percentile
+from controlplane.traffic.access_log import MeshLabels
+from controlplane.traffic.record import RequestRecord, weighted_percentile
 from protos import mesh_pb2
 
 

@@ -14,9 +14,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from controlplane.canary_state import CanaryState
-from controlplane.mesh_model import Overrides
-from controlplane.spec import MeshSpec, dump_spec, parse_spec
+from controlplane.canary.state import CanaryState
+from controlplane.model.mesh_model import Overrides
+from controlplane.spec.schema import MeshSpec, dump_spec, parse_spec
 
 STATE_FILE = "state.json"
 

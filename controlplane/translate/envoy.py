@@ -43,9 +43,9 @@ from envoy.type.matcher.v3 import string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
-from controlplane import translate_telemetry
-from controlplane.mesh_model import MeshModel, ModelModel, VersionModel
-from controlplane.translate_memo import NO_MEMO, TranslationMemo, model_routes_key, routes_key
+from controlplane.model.mesh_model import MeshModel, ModelModel, VersionModel
+from controlplane.translate import telemetry as translate_telemetry
+from controlplane.translate.memo import NO_MEMO, TranslationMemo, model_routes_key, routes_key
 
 LISTENER_NAME = "imesh_http"
 ROUTE_CONFIG_NAME = "imesh_routes"
@@ -65,7 +65,7 @@ class EnvoyOptions:
     listener_port: int = 8080
     extproc_cluster: str = EXTPROC_CLUSTER
     extproc_timeout_s: float = 1.0
-    # Telemetry (controlplane/translate_telemetry.py, docs/observability.md).
+    # Telemetry (controlplane/translate/telemetry.py, docs/observability.md).
     grpc_access_log: bool = True  # stream every request to the control plane (RequestRecords, /metrics)
     access_log_flush_s: float = 0.5  # how long Envoy batches ALS entries
     access_log_path: str = "/dev/stdout"  # JSON access log lines; "" turns the file log off
@@ -86,7 +86,7 @@ class EnvoyResources:
 def translate(
     model: MeshModel, options: EnvoyOptions = EnvoyOptions(), memo: TranslationMemo | None = None
 ) -> EnvoyResources:
-    """With a `memo` (controlplane/translate_memo.py), versions and models equal to the last build's
+    """With a `memo` (controlplane/translate/memo.py), versions and models equal to the last build's
     get the same message objects back, so a one-endpoint change rebuilds one ClusterLoadAssignment."""
     memo = memo or NO_MEMO
     with memo.session(model, options):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from envoy.config.route.v3 import route_components_pb2
 
-from controlplane.mesh_model import MeshModel
-from controlplane.translate_envoy import translate_routes
+from controlplane.model.mesh_model import MeshModel
+from controlplane.translate.envoy import translate_routes
 from protos import mesh_pb2
 
 

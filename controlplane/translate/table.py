@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controlplane.mesh_model import MeshModel
+from controlplane.model.mesh_model import MeshModel
 from protos import mesh_pb2
 
 

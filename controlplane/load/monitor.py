@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from controlplane.metrics_parsing import ENGINES, EngineLoad, parse_engine_load
+from controlplane.load.metrics_parsing import ENGINES, EngineLoad, parse_engine_load
 from protos import mesh_pb2
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ applying; a positional YAML diff would not survive a reordered list.
 
 from __future__ import annotations
 
-from controlplane.spec import MeshSpec
+from controlplane.spec.schema import MeshSpec
 
 _KEYS = ("name", "address")
 

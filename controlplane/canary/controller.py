@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from controlplane.canary_state import (
+from controlplane.canary.state import (
     MANUAL,
     PROGRESSING,
     PROMOTED,
@@ -39,9 +39,9 @@ from controlplane.canary_state import (
     stable_version,
 )
 from controlplane.errors import ConfigRejected, Conflict, InvalidRequest
-from controlplane.mesh_model import Overrides
-from controlplane.request_record import RequestRecord, weighted_percentile
-from controlplane.spec import MeshSpec, ModelSpec
+from controlplane.model.mesh_model import Overrides
+from controlplane.spec.schema import MeshSpec, ModelSpec
+from controlplane.traffic.record import RequestRecord, weighted_percentile
 
 log = logging.getLogger("imesh.canary")
 

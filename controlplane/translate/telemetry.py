@@ -4,14 +4,14 @@ Kept out of translate_envoy.py so the routing translation reads on its own; tran
 these with its ``EnvoyOptions``. Pure functions, no I/O.
 
 - gRPC access log (``envoy.access_loggers.http_grpc``) to the static cluster ``imesh_xds``: the
-  control plane's ALS servicer (controlplane/access_log.py) turns each entry into a RequestRecord.
+  control plane's ALS servicer (controlplane/traffic/access_log.py) turns each entry into a RequestRecord.
   Envoy batches entries and flushes every ``access_log_flush_s``.
 - File access log in JSON, one line per request (``access_log_path``, default stdout), for people
   and log shippers: request id, model, version, endpoint, priority, status, durations.
 - Both logs share one filter (``log_filter``): every failure and every request the picker routed is
   logged, but only 1 in ``fast_path_log_sample`` of the successes Envoy routed on its own (the fast
   path). Logging costs Envoy about as much as the fast path's routing does (docs/benchmarks.md); the
-  control plane weighs each sampled record as that many requests (controlplane/access_log.py).
+  control plane weighs each sampled record as that many requests (controlplane/traffic/access_log.py).
 - Tracing through Envoy's own OpenTelemetry tracer when ``tracing_collector`` names an OTLP/gRPC
   collector: Envoy continues an incoming ``traceparent`` (or starts a trace) and propagates it
   upstream, so a replica's spans join the client's trace.
@@ -45,7 +45,7 @@ PICK_METADATA_KEY = "x-imesh-endpoint"
 LOGGED_STATUS = 400  # a response at or above this status is always logged
 FAST_PATH_SAMPLE_RUNTIME_KEY = "imesh.access_log.fast_path_sample"
 
-# Request/response headers the ALS entry carries beyond its fixed fields (controlplane/access_log.py reads them).
+# Request/response headers the ALS entry carries beyond its fixed fields (controlplane/traffic/access_log.py reads them).
 # Not x-imesh-model: the route removes it from the request before the log is written; the upstream
 # cluster ("model/version") names the model of a routed request instead.
 ALS_REQUEST_HEADERS = ("x-model-id", "x-priority")
@@ -94,7 +94,7 @@ def log_filter(options) -> accesslog_pb2.AccessLogFilter | None:
     """Log a request if the picker routed it, it failed (status >= 400 or any response flag), or it is
     the 1 in ``fast_path_log_sample`` of the rest; None (log all) when that is 1.
 
-    controlplane/access_log.py ``sample_weight`` applies the same test to give each record its weight:
+    controlplane/traffic/access_log.py ``sample_weight`` applies the same test to give each record its weight:
     keep the two in step."""
     one_in = options.fast_path_log_sample
     if one_in <= 1:

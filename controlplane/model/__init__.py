@@ -1,0 +1,1 @@
+"""The mesh model: spec + live overrides -> immutable facts every translation reads."""

@@ -1,0 +1,1 @@
+"""Persisted desired state: the spec, the live overrides and the config version, written atomically."""

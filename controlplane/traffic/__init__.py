@@ -1,0 +1,1 @@
+"""Request telemetry: Envoy's access-log stream -> RequestRecords -> /metrics, `imesh status` traffic, canary gates."""

@@ -1,0 +1,1 @@
+"""Mesh model -> Envoy resources (CDS/EDS/LDS/RDS, telemetry config) and the pickers' routing table."""
