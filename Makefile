@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,lint]'
 	touch $@
 
 protos: $(STAMP)
@@ -21,6 +21,12 @@ protos: $(STAMP)
 
 run: setup
 	$(VENV)/bin/imesh up --demo
+
+# ruff (lint and format check) and mypy on the core packages; .ci/run runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: setup
 	$(PY) -m pytest -n 2 -q
