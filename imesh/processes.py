@@ -43,10 +43,16 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def _live_popen(self) -> subprocess.Popen | None:
+        """The child while it runs; None before `start` and after it exited."""
+        return self.popen if self.running else None
+
     def wait_until(self, ready: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        if self.popen is None:
+            raise RuntimeError(f"{self.name}: wait_until before start")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.running:
+            if self.popen.poll() is not None:
                 raise StartupError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
             try:
                 if ready():
@@ -57,20 +63,22 @@ class ManagedProcess:
         raise StartupError(f"{self.name} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if not self.running:
+        popen = self._live_popen()
+        if popen is None:
             return
-        self.popen.send_signal(signal.SIGTERM)
+        popen.send_signal(signal.SIGTERM)
         try:
-            self.popen.wait(timeout_s)
+            popen.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
 
     def kill(self) -> None:
         """Abrupt death, as a crash would be: for failure tests."""
-        if self.running:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+        popen = self._live_popen()
+        if popen is not None:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
 
     def log_tail(self, lines: int = 40) -> str:
         try:

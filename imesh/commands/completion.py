@@ -18,6 +18,8 @@ SHELLS = ("bash", "zsh", "fish")
 @click.pass_context
 def completion(ctx: click.Context, shell: str) -> None:
     """Print the completion script for SHELL (bash, zsh or fish)."""
-    root = ctx.find_root().command
-    completer = get_completion_class(shell)(root, {}, "imesh", "_IMESH_COMPLETE")
+    completion_class = get_completion_class(shell)
+    if completion_class is None:  # SHELLS lists only shells click has a class for
+        raise click.BadParameter(f"no completion for {shell}", param_hint="SHELL")
+    completer = completion_class(ctx.find_root().command, {}, "imesh", "_IMESH_COMPLETE")
     click.echo(completer.source())
