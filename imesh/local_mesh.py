@@ -11,10 +11,13 @@ import os
 import random
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 
 from imesh.envoy_process import DEFAULT_XDS_API, EnvoyPorts, admin_ready, envoy_process
 from imesh.processes import ManagedProcess, StartupError, http_ok, python_module
@@ -37,8 +40,24 @@ class MeshPorts:
     host: str = "127.0.0.1"
 
     @classmethod
-    def ephemeral(cls) -> MeshPorts:
-        return cls(*free_ports(6))
+    def port_names(cls) -> tuple[str, ...]:
+        """The fields that are ports (all but `host`), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "host")
+
+    @classmethod
+    def ephemeral(cls, **fixed: int) -> MeshPorts:
+        """Free ports for all but those given in `fixed`, which none of the free ones duplicates."""
+        names = [name for name in cls.port_names() if name not in fixed]
+        free = [port for port in free_ports(len(names) + len(fixed)) if port not in fixed.values()]
+        return cls().with_ports({**fixed, **dict(zip(names, free[: len(names)], strict=True))})
+
+    def with_ports(self, ports: Mapping[str, int]) -> MeshPorts:
+        """A copy with the ports named (by field) changed."""
+        unknown = set(ports) - set(self.port_names())
+        if unknown:
+            raise ValueError(f"not ports of MeshPorts: {sorted(unknown)}")
+        changes: dict[str, Any] = dict(ports)  # names checked above; mypy cannot tell which fields they are
+        return dataclasses.replace(self, **changes)
 
     @property
     def envoy(self) -> EnvoyPorts:
@@ -153,7 +172,7 @@ class LocalMesh:
             "--spec",
             str(self.spec),
             "--state-dir",
-            str(self.workdir / "state"),
+            str(self.state_dir),
             "--host",
             p.host,
             "--grpc-port",
@@ -215,6 +234,11 @@ class LocalMesh:
     # ------------------------------------------------------------ helpers
 
     @property
+    def state_dir(self) -> Path:
+        """Where the control plane persists the spec and live changes (it reads `spec` only when empty)."""
+        return self.workdir / "state"
+
+    @property
     def url(self) -> str:
         return f"http://{self.ports.host}:{self.ports.listener}"
 
@@ -247,6 +271,29 @@ class LocalMesh:
                 last = exc
             time.sleep(0.1)
         raise StartupError(f"no successful completion for {model} after {timeout_s:.0f}s (last: {last})")
+
+
+def demo_on_free_ports(directory: Path) -> tuple[Path, Path]:
+    """The demo spec and fleet, written into `directory` with every replica on a free port instead of
+    the fixed one fleet.yaml gives it, so a second demo runs beside `make run`. Returns (spec, fleet)."""
+    fleet = yaml.safe_load(DEMO_FLEET.read_text())
+    spec = yaml.safe_load(DEMO_SPEC.read_text())
+    replicas = fleet["replicas"]
+    moved = {
+        r["address"]: f"{r['address'].rsplit(':', 1)[0]}:{port}"
+        for r, port in zip(replicas, free_ports(len(replicas)), strict=True)
+    }
+    for replica in replicas:
+        replica["address"] = moved[replica["address"]]
+    for model in spec["models"]:
+        for version in model["versions"]:
+            for endpoint in version["endpoints"]:
+                endpoint["address"] = moved[endpoint["address"]]
+    directory.mkdir(parents=True, exist_ok=True)
+    spec_path, fleet_path = directory / DEMO_SPEC.name, directory / DEMO_FLEET.name
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    fleet_path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    return spec_path, fleet_path
 
 
 def demo_mesh(workdir: Path, ports: MeshPorts = MeshPorts()) -> LocalMesh:
