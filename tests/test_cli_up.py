@@ -1,13 +1,14 @@
 """`imesh up --demo` as a user runs it: it serves, the CLI reads it, and SIGTERM stops everything.
 
-The demo fleet listens on its fixed ports (127.0.0.1:19000-19004), so this is the one test that
-does not use ephemeral ports for everything.
+`--ports ephemeral` puts the mesh and the demo fleet on free ports (the demo's own are fixed), so
+this runs beside a `make run` on the same machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,37 +16,26 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
-from imesh.local_mesh import free_ports
+from imesh.local_mesh import DEMO_FLEET, free_ports
 
 IMESH = str(Path(sys.executable).parent / "imesh")
 
 
 def test_up_demo_serves_and_stops_every_process(tmp_path):
-    listener, admin, cp, cp_metrics, ep, ep_metrics = free_ports(6)
-    argv = [
-        IMESH,
-        "up",
-        "--demo",
-        "--workdir",
-        str(tmp_path),
-        "--listener-port",
-        str(listener),
-        "--admin-port",
-        str(admin),
-        "--control-plane-port",
-        str(cp),
-        "--extproc-port",
-        str(ep),
-        "--control-plane-metrics-port",
-        str(cp_metrics),
-        "--extproc-metrics-port",
-        str(ep_metrics),
-    ]
+    (listener,) = free_ports(1)  # one port given explicitly: it wins over --ports ephemeral
+    argv = [IMESH, "up", "--demo", "--ports", "ephemeral", "--workdir", str(tmp_path), "--listener-port", str(listener)]
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         banner = _read_until(up, "Ctrl-C stops everything", timeout_s=90)
         assert f"http://127.0.0.1:{listener}" in banner and "curl" in banner
+        control_plane = re.search(r"control plane \(gRPC\)\s+(\S+)", banner)
+        assert control_plane is not None, banner
+        cp = control_plane.group(1)
+        assert f"imesh status --server {cp}" in banner
+        fleet = _fleet_addresses(tmp_path / "demo-ephemeral" / "fleet.yaml")
+        assert len(fleet) == len(_fleet_addresses(DEMO_FLEET)) and not fleet & _fleet_addresses(DEMO_FLEET)
 
         response = httpx.post(
             f"http://127.0.0.1:{listener}/v1/chat/completions",
@@ -54,13 +44,16 @@ def test_up_demo_serves_and_stops_every_process(tmp_path):
             timeout=30,
         )
         assert response.status_code == 200, response.text
-        assert response.headers["x-imesh-endpoint"].startswith("127.0.0.1:1900")
+        assert response.headers["x-imesh-endpoint"] in fleet
         assert response.headers["x-imesh-version"] in ("v1", "v2")
 
-        env = {**os.environ, "IMESH_SERVER": f"127.0.0.1:{cp}"}
+        env = {**os.environ, "IMESH_SERVER": cp}
         models = subprocess.run([IMESH, "-o", "json", "get", "models"], env=env, capture_output=True, text=True)
         assert models.returncode == 0, models.stderr
         assert {m["model"] for m in json.loads(models.stdout)} == {"llama-3-8b", "intent-classifier"}
+        endpoints = subprocess.run([IMESH, "get", "endpoints", "-o", "json"], env=env, capture_output=True, text=True)
+        assert endpoints.returncode == 0, endpoints.stderr
+        assert {e["address"] for e in json.loads(endpoints.stdout)} == fleet
         status = subprocess.run([IMESH, "status"], env=env, capture_output=True, text=True)
         assert status.returncode == 0 and "llama-3-8b" in status.stdout and "imesh-envoy" in status.stdout
 
@@ -84,6 +77,10 @@ def test_cli_errors_are_clear_and_exit_non_zero(tmp_path):
     assert "cannot reach the control plane" in unreachable.stderr
     no_spec = subprocess.run([IMESH, "up"], capture_output=True, text=True)
     assert no_spec.returncode == 2 and "--demo" in no_spec.stderr
+
+
+def _fleet_addresses(path: Path) -> set[str]:
+    return {r["address"] for r in yaml.safe_load(path.read_text())["replicas"]}
 
 
 def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> str:

@@ -1,1 +1,1 @@
-"""`imesh` subcommands that operate a running mesh, one module per group (kept out of cli.py)."""
+"""`imesh`'s commands, one module per command or group; imesh/cli.py registers them on the root group."""

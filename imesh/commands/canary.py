@@ -8,6 +8,7 @@ import re
 import click
 from google.protobuf.json_format import MessageToDict
 
+from imesh.context import Context, mesh_options
 from imesh.output import echo, render_document
 from protos import mesh_pb2
 
@@ -62,8 +63,9 @@ def canary() -> None:
 @click.argument("model")
 @click.argument("version")
 @click.argument("percent", type=PERCENT)
+@mesh_options
 @click.pass_obj
-def set_(obj, model: str, version: str, percent: float) -> None:
+def set_(obj: Context, model: str, version: str, percent: float) -> None:
     """Give VERSION PERCENT% of MODEL's traffic, live; the other versions share the rest as before.
 
     \b
@@ -112,9 +114,10 @@ def set_(obj, model: str, version: str, percent: float) -> None:
     show_default=True,
     help="Canary requests a step needs before its gates are judged.",
 )
+@mesh_options
 @click.pass_obj
 def start(
-    obj,
+    obj: Context,
     model: str,
     version: str,
     steps: list[float],
@@ -137,8 +140,9 @@ def start(
 
 @canary.command()
 @click.argument("model")
+@mesh_options
 @click.pass_obj
-def promote(obj, model: str) -> None:
+def promote(obj: Context, model: str) -> None:
     """Make MODEL's canary version take 100% of the traffic."""
     with obj.client() as client:
         change = client.promote(model)
@@ -152,8 +156,9 @@ def promote(obj, model: str) -> None:
 
 @canary.command()
 @click.argument("model")
+@mesh_options
 @click.pass_obj
-def rollback(obj, model: str) -> None:
+def rollback(obj: Context, model: str) -> None:
     """Restore MODEL's weights from before its canary (also undoes a promotion)."""
     with obj.client() as client:
         change = client.rollback(model)
@@ -162,8 +167,9 @@ def rollback(obj, model: str) -> None:
 
 @canary.command()
 @click.argument("model", required=False, default="")
+@mesh_options
 @click.pass_obj
-def status(obj, model: str) -> None:
+def status(obj: Context, model: str) -> None:
     """Phase, step, gate readings and history of each canary (or MODEL's)."""
     with obj.client() as client:
         response = client.canary_status(model)
@@ -181,7 +187,7 @@ def status(obj, model: str) -> None:
 # ---------------------------------------------------------------- rendering
 
 
-def _show_change(obj, change: mesh_pb2.CanaryChange, headline: str) -> None:
+def _show_change(obj: Context, change: mesh_pb2.CanaryChange, headline: str) -> None:
     text = render_document({"config_version": change.config_version, "canary": _as_dict(change.canary)}, obj.output)
     if text is not None:
         echo(text)

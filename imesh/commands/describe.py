@@ -8,6 +8,7 @@ import click
 from imesh import views
 from imesh.client import MeshError
 from imesh.commands.canary import _as_dict, describe_canary
+from imesh.context import Context, mesh_options
 from imesh.output import echo, render_document, table
 
 
@@ -18,8 +19,9 @@ def describe() -> None:
 
 @describe.command()
 @click.argument("name")
+@mesh_options
 @click.pass_obj
-def model(obj, name: str) -> None:
+def model(obj: Context, name: str) -> None:
     """Versions, weights, endpoints with live load, A/B options and the canary of model NAME."""
     with obj.client() as client:
         status = client.status()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from imesh.context import Context, mesh_options
 from imesh.output import echo, render_document
 
 
@@ -14,21 +15,23 @@ def endpoint() -> None:
 
 @endpoint.command()
 @click.argument("address")
+@mesh_options
 @click.pass_obj
-def drain(obj, address: str) -> None:
+def drain(obj: Context, address: str) -> None:
     """No new requests go to ADDRESS; requests already on it finish."""
     _set(obj, address, True)
 
 
 @endpoint.command()
 @click.argument("address")
+@mesh_options
 @click.pass_obj
-def undrain(obj, address: str) -> None:
+def undrain(obj: Context, address: str) -> None:
     """ADDRESS takes new requests again."""
     _set(obj, address, False)
 
 
-def _set(obj, address: str, drained: bool) -> None:
+def _set(obj: Context, address: str, drained: bool) -> None:
     with obj.client() as client:
         result = client.set_drain(address, drained)
     document = {

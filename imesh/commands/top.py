@@ -16,6 +16,7 @@ import click
 
 from imesh import views
 from imesh.client import MeshError
+from imesh.context import Context, mesh_options
 from imesh.output import render_document
 
 ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h", "\x1b[?1049l"
@@ -56,8 +57,9 @@ def redraw(text: str) -> str:
     hidden=True,
     help="Stop after N refreshes (0: until Ctrl-C); for tests.",
 )
+@mesh_options
 @click.pass_obj
-def top(obj, interval: float, once: bool, iterations: int) -> None:
+def top(obj: Context, interval: float, once: bool, iterations: int) -> None:
     """Endpoints with load, rate, p50/p99 and errors; models with weights; Envoy sync state, live."""
     with obj.client() as client:
         if once:
