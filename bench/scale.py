@@ -202,7 +202,7 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
     """One fresh Envoy speaking `api` ("sotw" or "delta"): a full push, then `changes` one-endpoint changes."""
     import grpc
 
-    from controlplane.xds import ads
+    from controlplane.xds.server import add_to_server
     from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
     from imesh.local_mesh import free_ports
 
@@ -211,7 +211,7 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
     acked_at: dict[str, float] = {}
     cache.ack_hooks.append(lambda node, version, seconds: acked_at.setdefault(version, time.perf_counter()))
     server = grpc.aio.server(options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
-    servicer = ads.add_to_server(server, cache)
+    servicer = add_to_server(server, cache)
     xds_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     builder = Builder(spec, envoy_options(listener_port))

@@ -30,7 +30,7 @@ from controlplane.traffic.observability import Observability
 from controlplane.translate.envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table
-from controlplane.xds import ads
+from controlplane.xds import server as ads_server
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import Snapshot, resources_by_type
 from protos import mesh_pb2
@@ -83,7 +83,7 @@ class ControlPlane:
         await self._rebuild()  # the first snapshot is published before anyone can connect
         await self.load_monitor.start()
         self._server = grpc.aio.server()
-        ads.add_to_server(self._server, self.cache)
+        ads_server.add_to_server(self._server, self.cache)
         mesh_api.add_to_server(self._server, self)
         self.observability.add_to_server(self._server)  # Envoy's access log stream (ALS)
         self._server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")

@@ -19,8 +19,8 @@ from controlplane.model import mesh_model
 from controlplane.model.mesh_model import Overrides, build_mesh_model
 from controlplane.spec.schema import MeshSpec
 from controlplane.translate.envoy import translate
-from controlplane.xds import ads
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import add_to_server
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from tests.test_ads import eventually
@@ -111,7 +111,7 @@ async def test_200_models_reach_a_real_envoy_over_delta_xds(tmp_path: Path) -> N
     full, _ = builder.build()
     cache = SnapshotCache(STATIC_CLUSTERS)
     server = grpc.aio.server()
-    servicer = ads.add_to_server(server, cache)
+    servicer = add_to_server(server, cache)
     xds_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     ports = EnvoyPorts(admin=free_port(), xds=xds_port, extproc=free_port())
