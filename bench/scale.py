@@ -30,8 +30,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import build_mesh_model
 from controlplane.spec.schema import MeshSpec
+from controlplane.state.overrides import Overrides
 from controlplane.translate.envoy import EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table

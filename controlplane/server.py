@@ -22,9 +22,10 @@ from controlplane.canary.controller import CanaryController, reconcile_overrides
 from controlplane.errors import ConfigRejected
 from controlplane.load.fast_path import LoadWeights
 from controlplane.load.monitor import LoadMonitor, targets_from_table
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import build_mesh_model
 from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import MeshSpec, dump_spec
+from controlplane.state.overrides import Overrides
 from controlplane.state.store import StateStore
 from controlplane.traffic.observability import Observability
 from controlplane.translate.envoy import EXTPROC_CLUSTER, EnvoyOptions, translate

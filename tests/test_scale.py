@@ -16,8 +16,9 @@ import httpx
 
 from bench.scale import STATIC_CLUSTERS, Builder, envoy_options, synthetic_spec
 from controlplane.model import mesh_model
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import build_mesh_model
 from controlplane.spec.schema import MeshSpec
+from controlplane.state.overrides import Overrides
 from controlplane.translate.envoy import translate
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import add_to_server

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import build_mesh_model
 from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import SpecError, dump_spec, load_spec, parse_spec
+from controlplane.state.overrides import Overrides
 from imesh.local_mesh import DEMO_SPEC
 
 GOOD = """

@@ -39,8 +39,8 @@ from controlplane.canary.state import (
     stable_version,
 )
 from controlplane.errors import ConfigRejected, Conflict, InvalidRequest
-from controlplane.model.mesh_model import Overrides
 from controlplane.spec.schema import MeshSpec, ModelSpec
+from controlplane.state.overrides import Overrides
 from controlplane.traffic.record import RequestRecord, weighted_percentile
 
 log = logging.getLogger("imesh.canary")

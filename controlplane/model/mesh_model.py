@@ -10,10 +10,10 @@ spec -> mesh model -> Envoy resources / routing table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from controlplane.canary.state import CanaryState
 from controlplane.spec.schema import Defaults, MeshSpec, ScoringSpec
+from controlplane.state.overrides import Overrides
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,6 @@ class PriorityModel:
 
 
 @dataclass(frozen=True)
-class Overrides:
-    """Live changes made through the API on top of the spec; persisted with it."""
-
-    weights: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> version -> weight
-    drained: frozenset[str] = frozenset()
-    # model -> its latest canary (active or finished). Lives here so that a canary step (weights +
-    # canary state) is one atomic write, and a reverted change reverts both.
-    canaries: dict[str, CanaryState] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class MeshModel:
     version: int
     models: tuple[ModelModel, ...]
@@ -104,9 +93,13 @@ class MeshModel:
 
 
 def build_mesh_model(
-    spec: MeshSpec, overrides: Overrides = Overrides(), version: int = 0, lb_weights: Mapping[str, int] | None = None
+    spec: MeshSpec,
+    overrides: Overrides | None = None,
+    version: int = 0,
+    lb_weights: Mapping[str, int] | None = None,
 ) -> MeshModel:
     """``lb_weights``: address -> EDS weight from live load, applied to the endpoints of fast-path models."""
+    overrides = overrides if overrides is not None else Overrides()
     pools = {p.name: p for p in spec.pools}
     lb_weights = lb_weights or {}
 
