@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from controlplane.model.mesh_model import build_mesh_model
+from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
 from controlplane.spec.schema import MeshSpec
 from controlplane.state.overrides import Overrides
 from controlplane.translate.envoy import EnvoyOptions, translate
@@ -87,6 +87,7 @@ class Builder:
     spec: MeshSpec
     options: EnvoyOptions
     memo: TranslationMemo = field(default_factory=TranslationMemo)
+    model_memo: MeshModelMemo = field(default_factory=MeshModelMemo)
     previous: Snapshot | None = None
     version: int = 0
 
@@ -94,7 +95,7 @@ class Builder:
         self.version += 1
         c0 = time.thread_time()
         t0 = time.perf_counter()
-        model = build_mesh_model(self.spec, overrides, self.version)
+        model = build_mesh_model(self.spec, overrides, self.version, memo=self.model_memo)
         t1 = time.perf_counter()
         resources = translate(model, self.options, self.memo)
         t2 = time.perf_counter()
@@ -111,14 +112,11 @@ class Builder:
 
 
 def _clear_memos() -> None:
-    """Forget every cross-build memo, so a "cold" build is what start-up pays."""
-    from controlplane.model import mesh_model
+    """Forget every cross-build memo, so a "cold" build is what start-up pays (a fresh `Builder`
+    brings fresh mesh-model and translation memos; this is the snapshot's reference memo)."""
     from controlplane.xds import snapshot as snapshot_module
 
     snapshot_module._REFS.clear()
-    mesh_model._VERSIONS.clear()
-    mesh_model._SHARED.clear()
-    mesh_model._SHARED_OLD.clear()
 
 
 def measure_builds(spec: MeshSpec, repeats: int) -> dict:

@@ -22,7 +22,7 @@ from controlplane.canary.controller import CanaryController, reconcile_overrides
 from controlplane.errors import ConfigRejected
 from controlplane.load.fast_path import LoadWeights
 from controlplane.load.monitor import LoadMonitor, targets_from_table
-from controlplane.model.mesh_model import build_mesh_model
+from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
 from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import MeshSpec, dump_spec
 from controlplane.state.overrides import Overrides
@@ -57,6 +57,8 @@ class ControlPlane:
         self.config = config
         self.store = StateStore(config.state_dir, config.spec)
         self.cache = SnapshotCache(known_static_clusters={EXTPROC_CLUSTER, "imesh_xds"})
+        # Both memos keep what one rebuild hands to the next (docs/xds.md, "Build performance").
+        self._model_memo = MeshModelMemo()
         self._translation_memo = TranslationMemo()
         self.tables: Latest[mesh_pb2.RoutingTable] = Latest()
         self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)
@@ -183,7 +185,9 @@ class ControlPlane:
     async def _rebuild(self) -> None:
         state = self.store.state
         started = time.perf_counter()
-        model = build_mesh_model(state.spec, state.overrides, state.version, lb_weights=self.load_weights.current)
+        model = build_mesh_model(
+            state.spec, state.overrides, state.version, lb_weights=self.load_weights.current, memo=self._model_memo
+        )
         # Incremental: unchanged versions and models come back from the memo as the same messages,
         # and the snapshot reuses their serialized bytes (docs/xds.md, "Build performance").
         resources = translate(model, self.config.envoy, self._translation_memo)

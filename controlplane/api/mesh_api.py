@@ -62,6 +62,8 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
 
     async def GetRoutes(self, request, context):
         state = self._cp.store.state
+        # A one-off build, without the control plane's memo: a query must not change what the next
+        # rebuild reuses (this build has no live EDS weights, so its versions differ from the rebuild's).
         model = build_mesh_model(state.spec, state.overrides, state.version)
         return mesh_pb2.RoutesResponse(config_version=state.version, routes=route_entries(model))
 
