@@ -26,7 +26,7 @@ from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
 from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import MeshSpec, dump_spec
 from controlplane.state.overrides import Overrides
-from controlplane.state.store import StateStore
+from controlplane.state.store import MeshState, StateStore
 from controlplane.traffic.observability import Observability
 from controlplane.translate.envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
@@ -116,6 +116,11 @@ class ControlPlane:
         return self._built_version > 0
 
     # ------------------------------------------------------------ changes
+
+    @property
+    def state(self) -> MeshState:
+        """The desired state now: spec, overrides and config version (canary, drain and the API read it)."""
+        return self.store.state
 
     @property
     def config_version(self) -> int:
