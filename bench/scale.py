@@ -30,8 +30,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
 from controlplane.spec.schema import MeshSpec
+from controlplane.state.overrides import Overrides
 from controlplane.translate.envoy import EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table
@@ -86,6 +87,7 @@ class Builder:
     spec: MeshSpec
     options: EnvoyOptions
     memo: TranslationMemo = field(default_factory=TranslationMemo)
+    model_memo: MeshModelMemo = field(default_factory=MeshModelMemo)
     previous: Snapshot | None = None
     version: int = 0
 
@@ -93,7 +95,7 @@ class Builder:
         self.version += 1
         c0 = time.thread_time()
         t0 = time.perf_counter()
-        model = build_mesh_model(self.spec, overrides, self.version)
+        model = build_mesh_model(self.spec, overrides, self.version, memo=self.model_memo)
         t1 = time.perf_counter()
         resources = translate(model, self.options, self.memo)
         t2 = time.perf_counter()
@@ -110,14 +112,11 @@ class Builder:
 
 
 def _clear_memos() -> None:
-    """Forget every cross-build memo, so a "cold" build is what start-up pays."""
-    from controlplane.model import mesh_model
+    """Forget every cross-build memo, so a "cold" build is what start-up pays (a fresh `Builder`
+    brings fresh mesh-model and translation memos; this is the snapshot's reference memo)."""
     from controlplane.xds import snapshot as snapshot_module
 
     snapshot_module._REFS.clear()
-    mesh_model._VERSIONS.clear()
-    mesh_model._SHARED.clear()
-    mesh_model._SHARED_OLD.clear()
 
 
 def measure_builds(spec: MeshSpec, repeats: int) -> dict:
@@ -202,7 +201,7 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
     """One fresh Envoy speaking `api` ("sotw" or "delta"): a full push, then `changes` one-endpoint changes."""
     import grpc
 
-    from controlplane.xds import ads
+    from controlplane.xds.server import add_to_server
     from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
     from imesh.local_mesh import free_ports
 
@@ -211,7 +210,7 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
     acked_at: dict[str, float] = {}
     cache.ack_hooks.append(lambda node, version, seconds: acked_at.setdefault(version, time.perf_counter()))
     server = grpc.aio.server(options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
-    servicer = ads.add_to_server(server, cache)
+    servicer = add_to_server(server, cache)
     xds_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     builder = Builder(spec, envoy_options(listener_port))

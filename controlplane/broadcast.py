@@ -8,31 +8,43 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class _Published(Generic[T]):
+    sequence: int  # 1 for the first value published, +1 for each after it
+    value: T
+
+
 class Latest(Generic[T]):
     def __init__(self) -> None:
-        self._value: T | None = None
-        self._sequence = 0
+        self._latest: _Published[T] | None = None
         self._changed = asyncio.Condition()
 
     @property
     def value(self) -> T | None:
-        return self._value
+        return self._latest.value if self._latest is not None else None
 
     async def publish(self, value: T) -> None:
         async with self._changed:
-            self._value = value
-            self._sequence += 1
+            sequence = self._latest.sequence + 1 if self._latest is not None else 1
+            self._latest = _Published(sequence, value)
             self._changed.notify_all()
 
     async def subscribe(self) -> AsyncIterator[T]:
         seen = 0
         while True:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self._sequence > seen)
-                seen, value = self._sequence, self._value
-            yield value
+            latest = await self._newer_than(seen)
+            seen = latest.sequence
+            yield latest.value
+
+    async def _newer_than(self, seen: int) -> _Published[T]:
+        """Wait for a value published after sequence number `seen`."""
+        async with self._changed:
+            while self._latest is None or self._latest.sequence <= seen:
+                await self._changed.wait()
+            return self._latest

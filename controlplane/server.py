@@ -22,15 +22,16 @@ from controlplane.canary.controller import CanaryController, reconcile_overrides
 from controlplane.errors import ConfigRejected
 from controlplane.load.fast_path import LoadWeights
 from controlplane.load.monitor import LoadMonitor, targets_from_table
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
 from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import MeshSpec, dump_spec
-from controlplane.state.store import StateStore
+from controlplane.state.overrides import Overrides
+from controlplane.state.store import MeshState, StateStore
 from controlplane.traffic.observability import Observability
 from controlplane.translate.envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table
-from controlplane.xds import ads
+from controlplane.xds import server as ads_server
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import Snapshot, resources_by_type
 from protos import mesh_pb2
@@ -56,6 +57,8 @@ class ControlPlane:
         self.config = config
         self.store = StateStore(config.state_dir, config.spec)
         self.cache = SnapshotCache(known_static_clusters={EXTPROC_CLUSTER, "imesh_xds"})
+        # Both memos keep what one rebuild hands to the next (docs/xds.md, "Build performance").
+        self._model_memo = MeshModelMemo()
         self._translation_memo = TranslationMemo()
         self.tables: Latest[mesh_pb2.RoutingTable] = Latest()
         self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)
@@ -83,7 +86,7 @@ class ControlPlane:
         await self._rebuild()  # the first snapshot is published before anyone can connect
         await self.load_monitor.start()
         self._server = grpc.aio.server()
-        ads.add_to_server(self._server, self.cache)
+        ads_server.add_to_server(self._server, self.cache)
         mesh_api.add_to_server(self._server, self)
         self.observability.add_to_server(self._server)  # Envoy's access log stream (ALS)
         self._server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
@@ -113,6 +116,11 @@ class ControlPlane:
         return self._built_version > 0
 
     # ------------------------------------------------------------ changes
+
+    @property
+    def state(self) -> MeshState:
+        """The desired state now: spec, overrides and config version (canary, drain and the API read it)."""
+        return self.store.state
 
     @property
     def config_version(self) -> int:
@@ -182,7 +190,9 @@ class ControlPlane:
     async def _rebuild(self) -> None:
         state = self.store.state
         started = time.perf_counter()
-        model = build_mesh_model(state.spec, state.overrides, state.version, lb_weights=self.load_weights.current)
+        model = build_mesh_model(
+            state.spec, state.overrides, state.version, lb_weights=self.load_weights.current, memo=self._model_memo
+        )
         # Incremental: unchanged versions and models come back from the memo as the same messages,
         # and the snapshot reuses their serialized bytes (docs/xds.md, "Build performance").
         resources = translate(model, self.config.envoy, self._translation_memo)

@@ -1,17 +1,66 @@
-"""How route handlers find their replica (kept apart to avoid an import cycle)."""
+"""How route handlers find the replica serving a request, and what they may use of it.
+
+`ServingReplica` is that part of `fleet.replica.Replica`, so the route modules (`openai_api`,
+`kserve`) depend on this module only, and `replica` imports them without an import cycle.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from fleet.replica import Replica
+from fleet.engine import Engine, Sequence
+from fleet.metrics import ReplicaMetrics
+from fleet.profiles import GpuProfile
 
-REPLICA_KEY: web.AppKey[Replica] = web.AppKey("replica")
+
+class ServingReplica(Protocol):
+    """What a request's handlers use of the replica serving it (`fleet.replica.Replica` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def models(self) -> list[str]: ...
+    @property
+    def version(self) -> str | None: ...  # the KServe v2 version served; None accepts any
+    @property
+    def seed(self) -> int: ...
+    @property
+    def profile(self) -> GpuProfile: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def metrics(self) -> ReplicaMetrics: ...
+
+    async def apply_faults(self) -> None:
+        """Stall, then maybe fail, as the active faults say (inference routes only)."""
+        ...
+
+    def check_fits(self, prompts: list[list[str]], max_tokens: int) -> None:
+        """Reject (400) a request that could never fit, before any fault or queueing."""
+        ...
+
+    def check_model(self, model: str) -> None:
+        """404 unless this replica serves `model`."""
+        ...
+
+    def submit(
+        self, model: str, tokens: list[str], max_tokens: int, *, limit_reason: str = "length", streaming: bool = False
+    ) -> Sequence:
+        """Queue a tokenized prompt on the engine."""
+        ...
+
+    def text_key(self, model: str, tokens: list[str], choice: int = 0) -> bytes:
+        """The sampler key of a prompt: same seed, model and prompt give the same text."""
+        ...
+
+    def state(self) -> dict[str, Any]: ...
 
 
-def replica_of(request: web.Request) -> Replica:
+REPLICA_KEY: web.AppKey[ServingReplica] = web.AppKey("replica")
+
+
+def replica_of(request: web.Request) -> ServingReplica:
     """The replica whose app is serving ``request``."""
     return request.app[REPLICA_KEY]

@@ -17,12 +17,12 @@ class Faults(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    error_rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of inference requests that fail")
-    error_status: int = Field(500, ge=400, le=599, description="HTTP status of an injected failure")
-    stall_s: float = Field(0.0, ge=0.0, le=3600.0, description="wall seconds to wait before handling")
-    slowdown: float = Field(1.0, gt=0.0, le=1000.0, description="multiplier on every engine step time")
-    extra_waiting: int = Field(0, ge=0, le=1_000_000, description="fake queued requests shown in metrics")
-    not_ready: bool = Field(False, description="readiness endpoints answer 503 (liveness stays 200)")
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fraction of inference requests that fail")
+    error_status: int = Field(default=500, ge=400, le=599, description="HTTP status of an injected failure")
+    stall_s: float = Field(default=0.0, ge=0.0, le=3600.0, description="wall seconds to wait before handling")
+    slowdown: float = Field(default=1.0, gt=0.0, le=1000.0, description="multiplier on every engine step time")
+    extra_waiting: int = Field(default=0, ge=0, le=1_000_000, description="fake queued requests shown in metrics")
+    not_ready: bool = Field(default=False, description="readiness endpoints answer 503 (liveness stays 200)")
 
     def merged(self, update: dict[str, Any]) -> Faults:
         """Validate a partial update on top of these faults (raises ``pydantic.ValidationError``)."""

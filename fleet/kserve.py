@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from fleet.context import replica_of
+from fleet.context import ServingReplica, replica_of
 from fleet.errors import ApiError
-
-if TYPE_CHECKING:
-    from fleet.replica import Replica
 
 HEADER_LEN = "Inference-Header-Content-Length"
 
@@ -55,7 +52,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v2/models/{name}/versions/{version}/infer", infer)
 
 
-def _model(replica: Replica, request: web.Request) -> tuple[str, str]:
+def _model(replica: ServingReplica, request: web.Request) -> tuple[str, str]:
     """(model, version) of the path; 404 if this replica does not serve them."""
     name = request.match_info["name"]
     version = request.match_info.get("version")

@@ -12,17 +12,14 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from fleet.context import replica_of
+from fleet.context import ServingReplica, replica_of
 from fleet.engine import EngineStopped, Sequence
 from fleet.errors import ApiError
 from fleet.text import embedding, embedding_base64, generated_text, generated_word, tokenize
-
-if TYPE_CHECKING:
-    from fleet.replica import Replica
 
 # Output length when the request names no max_tokens (the sequence then ends with "stop").
 DEFAULT_OUTPUT_TOKENS = 16
@@ -52,7 +49,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def resolve_model(replica: Replica, body: dict[str, Any], request: web.Request) -> str:
+def resolve_model(replica: ServingReplica, body: dict[str, Any], request: web.Request) -> str:
     """The body's ``model``; else the ``x-model-id`` header; else the replica's first model."""
     model = body.get("model")
     if model is None:

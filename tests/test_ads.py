@@ -15,8 +15,8 @@ import httpx
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.xds import ads
 from controlplane.xds.cache import Publisher, SnapshotCache
+from controlplane.xds.server import AggregatedDiscoveryServicer, add_to_server
 from controlplane.xds.snapshot import (
     CLUSTER,
     ENDPOINT,
@@ -26,6 +26,7 @@ from controlplane.xds.snapshot import (
     Snapshot,
     check_consistency,
 )
+from controlplane.xds.sotw import SotwStream
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from imesh.processes import ManagedProcess
 from tests.xds_fixtures import (
@@ -61,11 +62,9 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float
     raise AssertionError(f"timed out waiting for {what or check} (last error: {last!r})")
 
 
-async def start_xds(
-    cache: SnapshotCache, port: int = 0
-) -> tuple[grpc.aio.Server, ads.AggregatedDiscoveryServicer, int]:
+async def start_xds(cache: SnapshotCache, port: int = 0) -> tuple[grpc.aio.Server, AggregatedDiscoveryServicer, int]:
     server = grpc.aio.server()
-    servicer = ads.add_to_server(server, cache)
+    servicer = add_to_server(server, cache)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, servicer, bound
@@ -75,7 +74,7 @@ async def start_xds(
 class Mesh:
     cache: SnapshotCache
     server: grpc.aio.Server
-    servicer: ads.AggregatedDiscoveryServicer
+    servicer: AggregatedDiscoveryServicer
     ports: EnvoyPorts
     envoy: ManagedProcess
     node_id: str
@@ -377,9 +376,9 @@ async def test_publisher_coalesces_bursts() -> None:
 
 
 class FakeEnvoy(FakeEnvoyBase):
-    """Drives an AdsStream (State of the World) like Envoy would."""
+    """Drives a SotwStream (State of the World) like Envoy would."""
 
-    stream_class = ads.AdsStream
+    stream_class = SotwStream
 
     def send(
         self, type_url: str, nonce: str = "", names: tuple[str, ...] = (), version: str = "", error: str = ""

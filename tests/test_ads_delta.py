@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.xds import ads
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.delta import DeltaStream
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from tests.test_ads import Mesh, envoy_on_ads, eventually, start_xds
 from tests.xds_fixtures import (
@@ -42,8 +42,8 @@ def build(ports: dict[str, int], listener_port: int, body: str = "one", bad: boo
 class DeltaMesh(Mesh):
     up2: int = 0  # a second upstream, answering "from upstream two"
 
-    def stream(self) -> ads.DeltaAdsStream:
-        [stream] = [s for s in self.servicer.streams if isinstance(s, ads.DeltaAdsStream)]
+    def stream(self) -> DeltaStream:
+        [stream] = [s for s in self.servicer.streams if isinstance(s, DeltaStream)]
         return stream
 
     def sent_for(self, version: str) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
@@ -204,9 +204,9 @@ async def _text_is(mesh: DeltaMesh, path: str, text: str) -> bool:
 
 
 class FakeDeltaEnvoy(FakeEnvoyBase):
-    """Drives a DeltaAdsStream like Envoy would."""
+    """Drives a DeltaStream like Envoy would."""
 
-    stream_class = ads.DeltaAdsStream
+    stream_class = DeltaStream
 
     def send(
         self,

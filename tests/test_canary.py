@@ -25,9 +25,10 @@ from controlplane.canary.state import (
     canary_weights,
 )
 from controlplane.errors import Conflict, InvalidRequest
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import build_mesh_model
 from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.spec.schema import parse_spec
+from controlplane.state.overrides import Overrides
 from controlplane.state.store import STATE_FILE, StateStore
 from controlplane.traffic.record import RequestRecord
 from imesh.local_mesh import free_ports

@@ -15,12 +15,12 @@ import grpc
 import httpx
 
 from bench.scale import STATIC_CLUSTERS, Builder, envoy_options, synthetic_spec
-from controlplane.model import mesh_model
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
 from controlplane.spec.schema import MeshSpec
+from controlplane.state.overrides import Overrides
 from controlplane.translate.envoy import translate
-from controlplane.xds import ads
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import add_to_server
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
 from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
 from tests.test_ads import eventually
@@ -94,13 +94,12 @@ def test_200_models_build_consistently_and_incrementally() -> None:
     # Unchanged model objects are shared between builds (so the memo finds them by identity, and a
     # rebuild with nothing changed translates nothing); with that sharing forgotten, the memo
     # translates again what it no longer recognises, and the result is the same.
-    again_model = build_mesh_model(respec, weights, builder.version + 1)
+    again_model = build_mesh_model(respec, weights, builder.version + 1, memo=builder.model_memo)
     assert all(a is b for a, b in zip(again_model.models[0].versions, builder.model.models[0].versions))
     misses = builder.memo.misses
     same, _ = builder.build(weights)
     assert builder.memo.misses == misses and same.same_resources(rebuilt)
-    mesh_model._SHARED.clear()
-    mesh_model._SHARED_OLD.clear()
+    builder.model_memo = MeshModelMemo()
     unshared, _ = builder.build(weights)
     assert unshared.same_resources(rebuilt)
 
@@ -111,7 +110,7 @@ async def test_200_models_reach_a_real_envoy_over_delta_xds(tmp_path: Path) -> N
     full, _ = builder.build()
     cache = SnapshotCache(STATIC_CLUSTERS)
     server = grpc.aio.server()
-    servicer = ads.add_to_server(server, cache)
+    servicer = add_to_server(server, cache)
     xds_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     ports = EnvoyPorts(admin=free_port(), xds=xds_port, extproc=free_port())

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model.mesh_model import Overrides, build_mesh_model
+from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
 from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import SpecError, dump_spec, load_spec, parse_spec
+from controlplane.state.overrides import Overrides
 from imesh.local_mesh import DEMO_SPEC
 
 GOOD = """
@@ -93,15 +94,17 @@ def test_diff_is_keyed_by_name():
 
 
 def test_mesh_model_reuses_unchanged_versions_and_matches_a_cold_build():
-    import controlplane.model.mesh_model as mesh_model
-
     spec = parse_spec(GOOD)
-    first = build_mesh_model(spec)
-    drained = build_mesh_model(spec, Overrides(drained=frozenset({"127.0.0.1:9001"})))
+    memo = MeshModelMemo()
+    first = build_mesh_model(spec, memo=memo)
+    drained = build_mesh_model(spec, Overrides(drained=frozenset({"127.0.0.1:9001"})), memo=memo)
     v1, v2 = drained.model("m").versions
     assert v1 is first.model("m").versions[0]  # untouched: the very same object, endpoints not walked
     assert v2 is not first.model("m").versions[1] and v2.endpoints[0].drained
-    reweighted = build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}}))
+    reweighted = build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}}), memo=memo)
     assert reweighted.model("m").versions[0].weight == 10
-    mesh_model._VERSIONS.clear()
-    assert build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}})) == reweighted
+    cold = build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}}))  # no memo: nothing reused
+    assert cold == reweighted and cold.model("m").versions[1] is not reweighted.model("m").versions[1]
+    # ... and a build without the memo (`imesh get routes`) leaves it as it was.
+    again = build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}}), memo=memo)
+    assert all(a is b for a, b in zip(again.model("m").versions, reweighted.model("m").versions, strict=True))

@@ -2,46 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn, TypeAlias, TypeVar
+
 import grpc
 
+from controlplane.api.ports import MeshAdmin, MeshService, StateFeeds
 from controlplane.api.route_table import route_entries
 from controlplane.canary.controller import CanaryView, reconcile_overrides
 from controlplane.canary.drain import set_drain
-from controlplane.canary.state import Gates
+from controlplane.canary.state import CanaryState, Gates
 from controlplane.errors import ConfigRejected, Conflict, InvalidRequest
 from controlplane.model.mesh_model import build_mesh_model
 from controlplane.spec.schema import SpecError, parse_spec
 from protos import mesh_pb2, mesh_pb2_grpc
 
+T = TypeVar("T")
+Context: TypeAlias = grpc.aio.ServicerContext
+
 
 class MeshStateServicer(mesh_pb2_grpc.MeshStateServicer):
     """Streams the newest routing table and load report to every ext_proc; never a backlog."""
 
-    def __init__(self, control_plane):
-        self._cp = control_plane
+    def __init__(self, feeds: StateFeeds):
+        self._feeds = feeds
 
-    async def WatchRoutingTable(self, request, context):
-        async for table in self._cp.tables.subscribe():
+    async def WatchRoutingTable(
+        self, request: mesh_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[mesh_pb2.RoutingTable]:
+        async for table in self._feeds.tables.subscribe():
             yield table
 
-    async def WatchLoad(self, request, context):
-        async for report in self._cp.load_monitor.reports():
+    async def WatchLoad(self, request: mesh_pb2.WatchRequest, context: Context) -> AsyncIterator[mesh_pb2.LoadReport]:
+        async for report in self._feeds.load_monitor.reports():
             yield report
 
 
 class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
-    def __init__(self, control_plane):
-        self._cp = control_plane
+    def __init__(self, admin: MeshAdmin):
+        self._admin = admin
 
-    async def ApplySpec(self, request, context):
+    async def ApplySpec(self, request: mesh_pb2.ApplySpecRequest, context: Context) -> mesh_pb2.ApplySpecResponse:
         try:
             spec = parse_spec(request.spec_yaml, request.source_name or "<spec>")
         except SpecError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        diff = self._cp.diff(spec)
-        version = self._cp.config_version
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        diff = self._admin.diff(spec)
+        version = self._admin.config_version
         try:
-            state = self._cp.store.state
+            state = self._admin.state
             kept = reconcile_overrides(state.spec, spec, state.overrides)  # a dry run says so too
             diff += [
                 f"~ models.{m}: the spec's weights replace the live ones set by `imesh canary`"
@@ -49,19 +58,21 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
                 if diff
             ]
             if diff and not request.dry_run:
-                version = await self._cp.apply_spec(spec)
+                version = await self._admin.apply_spec(spec)
         except (ConfigRejected, Conflict) as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return mesh_pb2.ApplySpecResponse(changed=bool(diff), diff=diff, config_version=version)
 
-    async def GetSpec(self, request, context):
-        return mesh_pb2.SpecDocument(spec_yaml=self._cp.spec_yaml(), config_version=self._cp.config_version)
+    async def GetSpec(self, request: mesh_pb2.GetSpecRequest, context: Context) -> mesh_pb2.SpecDocument:
+        return mesh_pb2.SpecDocument(spec_yaml=self._admin.spec_yaml(), config_version=self._admin.config_version)
 
-    async def GetStatus(self, request, context):
-        return self._cp.status()
+    async def GetStatus(self, request: mesh_pb2.StatusRequest, context: Context) -> mesh_pb2.MeshStatus:
+        return self._admin.status()
 
-    async def GetRoutes(self, request, context):
-        state = self._cp.store.state
+    async def GetRoutes(self, request: mesh_pb2.RoutesRequest, context: Context) -> mesh_pb2.RoutesResponse:
+        state = self._admin.state
+        # A one-off build, without the control plane's memo: a query must not change what the next
+        # rebuild reuses (this build has no live EDS weights, so its versions differ from the rebuild's).
         model = build_mesh_model(state.spec, state.overrides, state.version)
         return mesh_pb2.RoutesResponse(config_version=state.version, routes=route_entries(model))
 
@@ -70,53 +81,63 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
     # INVALID_ARGUMENT (unknown name, bad value), FAILED_PRECONDITION (state forbids it, or Envoy
     # rejected the change: its own message), nothing half-applied either way.
 
-    async def SetCanary(self, request, context):
+    async def SetCanary(self, request: mesh_pb2.SetCanaryRequest, context: Context) -> mesh_pb2.CanaryChange:
         return await self._canary_change(
-            context, self._cp.canary.set_percent(request.model, request.version, request.percent)
+            context, self._admin.canary.set_percent(request.model, request.version, request.percent)
         )
 
-    async def StartCanary(self, request, context):
+    async def StartCanary(self, request: mesh_pb2.StartCanaryRequest, context: Context) -> mesh_pb2.CanaryChange:
         gates = Gates(request.gates.max_error_rate, request.gates.max_p99_s, request.gates.min_samples)
         return await self._canary_change(
             context,
-            self._cp.canary.start_progressive(
+            self._admin.canary.start_progressive(
                 request.model, request.version, list(request.steps), request.interval_s, gates
             ),
         )
 
-    async def PromoteCanary(self, request, context):
-        return await self._canary_change(context, self._cp.canary.promote(request.model))
+    async def PromoteCanary(self, request: mesh_pb2.CanaryRef, context: Context) -> mesh_pb2.CanaryChange:
+        return await self._canary_change(context, self._admin.canary.promote(request.model))
 
-    async def RollbackCanary(self, request, context):
-        return await self._canary_change(context, self._cp.canary.rollback(request.model))
+    async def RollbackCanary(self, request: mesh_pb2.CanaryRef, context: Context) -> mesh_pb2.CanaryChange:
+        return await self._canary_change(context, self._admin.canary.rollback(request.model))
 
-    async def GetCanaryStatus(self, request, context):
-        views = await _guarded(context, _immediate(lambda: self._cp.canary.status(request.model)))
+    async def GetCanaryStatus(
+        self, request: mesh_pb2.CanaryStatusRequest, context: Context
+    ) -> mesh_pb2.CanaryStatusResponse:
+        views = await _guarded(context, _immediate(lambda: self._admin.canary.status(request.model)))
         return mesh_pb2.CanaryStatusResponse(canaries=[canary_proto(v) for v in views])
 
-    async def SetDrain(self, request, context):
-        result = await _guarded(context, set_drain(self._cp, request.address, request.drained))
+    async def SetDrain(self, request: mesh_pb2.DrainRequest, context: Context) -> mesh_pb2.DrainResponse:
+        result = await _guarded(context, set_drain(self._admin, request.address, request.drained))
         return mesh_pb2.DrainResponse(
             config_version=result.config_version, changed=result.changed, model=result.model, version=result.version
         )
 
-    async def _canary_change(self, context, operation) -> mesh_pb2.CanaryChange:
+    async def _canary_change(
+        self, context: Context, operation: Awaitable[tuple[int, CanaryState]]
+    ) -> mesh_pb2.CanaryChange:
         version, state = await _guarded(context, operation)
-        view = next(v for v in self._cp.canary.status(state.model) if v.state.model == state.model)
+        view = next(v for v in self._admin.canary.status(state.model) if v.state.model == state.model)
         return mesh_pb2.CanaryChange(config_version=version, canary=canary_proto(view))
 
 
-async def _immediate(fn):
+async def _immediate(fn: Callable[[], T]) -> T:
     return fn()
 
 
-async def _guarded(context, operation):
+async def _guarded(context: Context, operation: Awaitable[T]) -> T:
     try:
         return await operation
     except InvalidRequest as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except (Conflict, ConfigRejected) as exc:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+
+async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
+    """End the RPC with `code`. grpc.aio's `abort` always raises; grpc ships no types that say so."""
+    await context.abort(code, details)
+    raise AssertionError("ServicerContext.abort returned")
 
 
 def canary_proto(view: CanaryView) -> mesh_pb2.CanaryState:
@@ -156,6 +177,6 @@ def canary_proto(view: CanaryView) -> mesh_pb2.CanaryState:
     )
 
 
-def add_to_server(server: grpc.aio.Server, control_plane) -> None:
+def add_to_server(server: grpc.aio.Server, control_plane: MeshService) -> None:
     mesh_pb2_grpc.add_MeshStateServicer_to_server(MeshStateServicer(control_plane), server)
     mesh_pb2_grpc.add_MeshAdminServicer_to_server(MeshAdminServicer(control_plane), server)

@@ -1,7 +1,7 @@
 """Canaries: set, promote, roll back, and the progressive canary that steps itself through gates.
 
 Every change is a new ``Overrides`` (the model's weights and its ``CanaryState`` together)
-committed through ``ControlPlane.set_overrides``: persisted atomically, pushed to Envoy as RDS
+committed through ``DesiredState.set_overrides`` (the control plane): persisted atomically, pushed to Envoy as RDS
 ``weighted_clusters`` weights, and acknowledged only once Envoy accepted it. An Envoy NACK reverts
 both and surfaces as ``ConfigRejected``.
 
@@ -21,6 +21,8 @@ the controller and the API calls cannot interleave a read-modify-write.
 from __future__ import annotations
 
 import asyncio
+import enum
+import itertools
 import logging
 import time
 from collections import deque
@@ -39,8 +41,9 @@ from controlplane.canary.state import (
     stable_version,
 )
 from controlplane.errors import ConfigRejected, Conflict, InvalidRequest
-from controlplane.model.mesh_model import Overrides
 from controlplane.spec.schema import MeshSpec, ModelSpec
+from controlplane.state.desired import DesiredState
+from controlplane.state.overrides import Overrides
 from controlplane.traffic.record import RequestRecord, weighted_percentile
 
 log = logging.getLogger("imesh.canary")
@@ -155,18 +158,22 @@ class CanaryView:
 # ---------------------------------------------------------------- controller
 
 
+class _Keep(enum.Enum):
+    WEIGHTS = "keep"  # `_commit` leaves the model's weight override as it is
+
+
 class CanaryController:
     """Canary operations for the mesh API, and the loop that drives progressive canaries."""
 
     def __init__(
         self,
-        control_plane,
+        desired: DesiredState,
         windows: VersionWindows | None = None,
         tick_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
-        self._cp = control_plane
+        self._desired = desired
         self._clock = clock
         self._wall = wall
         self.windows = windows or VersionWindows(clock=clock)
@@ -217,11 +224,11 @@ class CanaryController:
 
     @property
     def _overrides(self) -> Overrides:
-        return self._cp.store.state.overrides
+        return self._desired.state.overrides
 
     @property
     def _spec(self) -> MeshSpec:
-        return self._cp.store.state.spec
+        return self._desired.state.spec
 
     def _watch(self) -> None:
         self.windows.watch(m for m, c in self._overrides.canaries.items() if c.active)
@@ -236,19 +243,19 @@ class CanaryController:
         model: str,
         expected: CanaryState | None,
         state: CanaryState,
-        weights: dict[str, int] | None | bool = False,
+        weights: dict[str, int] | None | _Keep = _Keep.WEIGHTS,
     ) -> int:
-        """Write ``state`` (and the model's weight override: a dict, None to drop it, False to leave
-        it) if the model's canary is still ``expected``; return the config version."""
+        """Write ``state`` (and the model's weight override: a dict, None to drop it, or left as it
+        is) if the model's canary is still ``expected``; return the config version."""
         overrides = self._overrides
         if overrides.canaries.get(model) is not expected:
             raise Conflict(f"the canary of {model} changed meanwhile; look at `imesh canary status {model}`")
         new_weights = dict(overrides.weights)
         if weights is None:
             new_weights.pop(model, None)
-        elif weights is not False:
+        elif weights is not _Keep.WEIGHTS:
             new_weights[model] = weights
-        version = await self._cp.set_overrides(
+        version = await self._desired.set_overrides(
             replace(overrides, weights=new_weights, canaries={**overrides.canaries, model: state})
         )
         self._began[model] = self._clock()
@@ -530,7 +537,7 @@ def _check_progressive(steps: list[float], interval_s: float, gates: Gates) -> N
         raise InvalidRequest("give at least one step, e.g. --steps 5,25,50,100")
     if any(not 0.0 < s <= 100.0 for s in steps):
         raise InvalidRequest(f"steps must be percentages above 0 and at most 100, got {_steps(steps)}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in itertools.pairwise(steps)):
         raise InvalidRequest(f"steps must increase, got {_steps(steps)}")
     if not interval_s > 0:
         raise InvalidRequest(f"the interval must be above 0 seconds, got {interval_s:g}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from controlplane.errors import Conflict, InvalidRequest
+from controlplane.state.desired import DesiredState
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,8 @@ class DrainResult:
     version: str
 
 
-async def set_drain(control_plane, address: str, drained: bool) -> DrainResult:
-    state = control_plane.store.state
+async def set_drain(desired: DesiredState, address: str, drained: bool) -> DrainResult:
+    state = desired.state
     owner = next(
         ((m, v, e) for m in state.spec.models for v in m.versions for e in v.endpoints if e.address == address), None
     )
@@ -37,5 +38,5 @@ async def set_drain(control_plane, address: str, drained: bool) -> DrainResult:
     wanted = current | {address} if drained else current - {address}
     if wanted == current:
         return DrainResult(state.version, False, model.name, version.name)
-    config_version = await control_plane.set_overrides(replace(overrides, drained=frozenset(wanted)))
+    config_version = await desired.set_overrides(replace(overrides, drained=frozenset(wanted)))
     return DrainResult(config_version, True, model.name, version.name)

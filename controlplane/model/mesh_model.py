@@ -10,10 +10,11 @@ spec -> mesh model -> Envoy resources / routing table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from controlplane.canary.state import CanaryState
-from controlplane.spec.schema import Defaults, MeshSpec, ScoringSpec
+from controlplane.spec.schema import Defaults, EndpointSpec, MeshSpec, ModelSpec, ScoringSpec, VersionSpec
+from controlplane.state.overrides import Overrides
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,6 @@ class PriorityModel:
 
 
 @dataclass(frozen=True)
-class Overrides:
-    """Live changes made through the API on top of the spec; persisted with it."""
-
-    weights: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> version -> weight
-    drained: frozenset[str] = frozenset()
-    # model -> its latest canary (active or finished). Lives here so that a canary step (weights +
-    # canary state) is one atomic write, and a reverted change reverts both.
-    canaries: dict[str, CanaryState] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class MeshModel:
     version: int
     models: tuple[ModelModel, ...]
@@ -104,13 +94,25 @@ class MeshModel:
 
 
 def build_mesh_model(
-    spec: MeshSpec, overrides: Overrides = Overrides(), version: int = 0, lb_weights: Mapping[str, int] | None = None
+    spec: MeshSpec,
+    overrides: Overrides | None = None,
+    version: int = 0,
+    lb_weights: Mapping[str, int] | None = None,
+    memo: MeshModelMemo | None = None,
 ) -> MeshModel:
-    """``lb_weights``: address -> EDS weight from live load, applied to the endpoints of fast-path models."""
+    """``lb_weights``: address -> EDS weight from live load, applied to the endpoints of fast-path models.
+
+    ``memo``: what the previous build with it left, so unchanged parts come back as the very same
+    objects; without one, nothing is reused (a one-off build).
+    """
+    overrides = overrides if overrides is not None else Overrides()
+    memo = memo if memo is not None else MeshModelMemo()
     pools = {p.name: p for p in spec.pools}
     lb_weights = lb_weights or {}
+    previous, versions = memo.versions, {}
+    shared = memo.shared  # bound once: it runs per endpoint
 
-    def endpoint(e, fast: bool = False) -> EndpointModel:
+    def endpoint(e: EndpointSpec, fast: bool = False) -> EndpointModel:
         pool = pools[e.pool]
         return shared(
             EndpointModel,
@@ -125,10 +127,7 @@ def build_mesh_model(
             lb_weight=lb_weights.get(e.address, 0) if fast else 0,
         )
 
-    global _VERSIONS
-    previous, _VERSIONS = _VERSIONS, {}
-
-    def version_model(m, v) -> VersionModel:
+    def version_model(m: ModelSpec, v: VersionSpec) -> VersionModel:
         """The version's model, reused without walking its endpoints when none of its inputs changed:
         at 10,000 endpoints a one-endpoint change otherwise rebuilds every EndpointModel key."""
         fast = routing_mode(spec, m) == "fast"
@@ -151,7 +150,7 @@ def build_mesh_model(
                 endpoints=tuple(endpoint(e, fast) for e in v.endpoints),
             )
             entry = _VersionEntry(v, spec.pools, addresses, inputs, built)
-        _VERSIONS[id(v)] = entry
+        versions[id(v)] = entry
         return entry.model
 
     models = tuple(
@@ -164,6 +163,7 @@ def build_mesh_model(
         )
         for m in spec.models
     )
+    memo.versions = versions  # only the versions of this build: what the spec dropped is let go
     priorities = tuple(
         PriorityModel(p.name, rank, tuple(p.preferred_tiers), p.strict_tiers, p.shed_threshold)
         for rank, p in enumerate(spec.priorities)
@@ -171,53 +171,59 @@ def build_mesh_model(
     return MeshModel(version, models, priorities, spec.defaults, spec.scoring)
 
 
-def routing_mode(spec: MeshSpec, model) -> str:
+def routing_mode(spec: MeshSpec, model: ModelSpec) -> str:
     """A model's routing mode: its own ``routing_mode``, else ``defaults.routing_mode``."""
     return model.routing_mode or spec.defaults.routing_mode
 
 
 @dataclass(frozen=True, slots=True)
 class _VersionEntry:
-    spec: object  # the VersionSpec it was built from (held, so its id cannot be reused meanwhile)
-    pools: object  # the spec's pool list it resolved endpoints against
+    spec: VersionSpec  # the spec it was built from (held, so its id cannot be reused meanwhile)
+    pools: object  # the spec's pool list it resolved endpoints against (compared by identity)
     addresses: frozenset[str]
-    inputs: tuple  # everything else the version's model depends on
+    inputs: tuple[object, ...]  # everything else the version's model depends on
     model: VersionModel
 
 
-_VERSIONS: dict[int, _VersionEntry] = {}  # id(VersionSpec) -> entry, for the versions of the last build
+_Shareable = TypeVar("_Shareable", bound=EndpointModel | VersionModel)
 
 
-# Unchanged parts of the model stay the very same objects from one rebuild to the next: the
-# translation memo (controlplane/translate/memo.py) then finds them by identity, and a
-# one-endpoint change at 10,000 endpoints rebuilds in milliseconds (docs/xds.md).
-_SHARED: dict[tuple, object] = {}
-_SHARED_OLD: dict[tuple, object] = {}  # the previous generation: what is still used moves back
-_SHARED_LIMIT = 60_000  # per generation; bounds the memory to what ~6 rebuilds at 10,000 endpoints use
-
-
-def shared(cls, **fields):
-    """``cls(**fields)`` for a frozen model class, or the equal instance built before.
-
-    The key is the field values, with a tuple of model objects keyed by their identities (they are
-    shared themselves, and kept alive by the instance that holds them, so an identity cannot be
-    reused while its entry exists).
+class MeshModelMemo:
+    """What one build of the mesh model keeps for the next, owned by whoever rebuilds the same mesh
+    (the control plane; the scale benchmark). Unchanged parts of the model stay the very same
+    objects from one rebuild to the next: the translation memo (controlplane/translate/memo.py)
+    then finds them by identity, and a one-endpoint change at 10,000 endpoints rebuilds in
+    milliseconds (docs/xds.md).
     """
-    global _SHARED, _SHARED_OLD
-    if cls is EndpointModel:  # scalars only: the hot case, 10,000 a build at 1,000 models
-        key = (cls, tuple(fields), *fields.values())
-    else:
-        values = (tuple(map(id, v)) if type(v) is tuple and v and _is_model(v[0]) else v for v in fields.values())
-        key = (cls, tuple(fields), *values)
-    found = _SHARED.get(key)
-    if found is None:
-        found = _SHARED_OLD.get(key)
+
+    SHARED_LIMIT = 60_000  # per generation; bounds the memory to what ~6 rebuilds at 10,000 endpoints use
+
+    def __init__(self) -> None:
+        self.versions: dict[int, _VersionEntry] = {}  # id(VersionSpec) -> entry, for the versions of the last build
+        self._shared: dict[tuple[object, ...], Any] = {}
+        self._shared_old: dict[tuple[object, ...], Any] = {}  # the previous generation: what is still used moves back
+
+    def shared(self, cls: type[_Shareable], **fields: Any) -> _Shareable:
+        """``cls(**fields)`` for a frozen model class, or the equal instance built before.
+
+        The key is the field values, with a tuple of model objects keyed by their identities (they are
+        shared themselves, and kept alive by the instance that holds them, so an identity cannot be
+        reused while its entry exists).
+        """
+        if cls is EndpointModel:  # scalars only: the hot case, 10,000 a build at 1,000 models
+            key = (cls, tuple(fields), *fields.values())
+        else:
+            values = (tuple(map(id, v)) if type(v) is tuple and v and _is_model(v[0]) else v for v in fields.values())
+            key = (cls, tuple(fields), *values)
+        found = self._shared.get(key)
         if found is None:
-            found = cls(**fields)
-        if len(_SHARED) >= _SHARED_LIMIT:
-            _SHARED_OLD, _SHARED = _SHARED, {}
-        _SHARED[key] = found
-    return found
+            found = self._shared_old.get(key)
+            if found is None:
+                found = cls(**fields)
+            if len(self._shared) >= self.SHARED_LIMIT:
+                self._shared_old, self._shared = self._shared, {}
+            self._shared[key] = found
+        return found
 
 
 def _is_model(value: object) -> bool:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controlplane.canary.state import CanaryState
-from controlplane.model.mesh_model import Overrides
 from controlplane.spec.schema import MeshSpec, dump_spec, parse_spec
+from controlplane.state.overrides import Overrides
 
 STATE_FILE = "state.json"
 

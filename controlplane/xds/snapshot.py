@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import InitVar, dataclass, field
 from types import MappingProxyType
-from typing import Union
+from typing import Protocol, TypeAlias
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -44,14 +44,27 @@ WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 _HCM_TYPE = _PREFIX + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 _EXT_PROC_TYPE = _PREFIX + ext_proc_pb2.ExternalProcessor.DESCRIPTOR.full_name
 
-Resources = Union[Mapping[str, Message], Iterable[Message]]
+Resources: TypeAlias = Mapping[str, Message] | Iterable[Message]
+
+
+class ResourceSet(Protocol):
+    """Envoy resources by kind, such as translate/envoy.py's EnvoyResources."""
+
+    @property
+    def clusters(self) -> Resources: ...
+    @property
+    def endpoints(self) -> Resources: ...
+    @property
+    def listeners(self) -> Resources: ...
+    @property
+    def routes(self) -> Resources: ...
 
 
 def resource_name(message: Message) -> str:
     """The xDS name of a resource: `cluster_name` for a ClusterLoadAssignment, `name` otherwise."""
     if isinstance(message, endpoint_pb2.ClusterLoadAssignment):
         return message.cluster_name
-    return message.name  # type: ignore[attr-defined]
+    return message.name
 
 
 def _by_name(resources: Resources) -> dict[str, Message]:
@@ -193,9 +206,9 @@ class Snapshot:
         return cached
 
 
-def resources_by_type(resources: object) -> dict[str, dict[str, Message]]:
+def resources_by_type(resources: ResourceSet) -> dict[str, dict[str, Message]]:
     """`Snapshot.resources` from an object with `clusters`, `endpoints`, `listeners` and `routes`
-    (name → message mappings or message lists), such as translate_envoy's EnvoyResources."""
+    (name → message mappings or message lists), such as translate/envoy.py's EnvoyResources."""
     return {
         CLUSTER: _by_name(resources.clusters),
         ENDPOINT: _by_name(resources.endpoints),
@@ -270,7 +283,7 @@ _REFS_LIMIT = 200_000
 
 def _refs_of(snapshot: Snapshot, type_url: str) -> dict[str, _Refs]:
     """name → references of one type's resources; once per snapshot (clones share it)."""
-    cache = snapshot.__dict__.setdefault("_refs_cache", {})
+    cache: dict[str, dict[str, _Refs]] = snapshot.__dict__.setdefault("_refs_cache", {})
     found = cache.get(type_url)
     if found is None:
         found = cache[type_url] = {}
