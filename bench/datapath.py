@@ -50,6 +50,7 @@ from bench._common import (
 )
 from imesh.local_mesh import LocalMesh, MeshPorts
 from imesh.processes import ManagedProcess
+from protos.wire import MODEL_ID_HEADER
 
 TITLE = "Data path: Envoy alone, the mesh and its fast path"
 ORDER = 10
@@ -148,8 +149,10 @@ class _Bench:
             self._wait_routed(mesh)
         self.extproc_variant = "current"
         self.scripts = {
-            ("header", "bench"): lua_script(self.workdir, "header", CHAT_BODY, {"x-model-id": "bench"}),
-            ("header", "bench-fast"): lua_script(self.workdir, "header-fast", CHAT_BODY, {"x-model-id": "bench-fast"}),
+            ("header", "bench"): lua_script(self.workdir, "header", CHAT_BODY, {MODEL_ID_HEADER: "bench"}),
+            ("header", "bench-fast"): lua_script(
+                self.workdir, "header-fast", CHAT_BODY, {MODEL_ID_HEADER: "bench-fast"}
+            ),
             ("body", "bench"): lua_script(self.workdir, "body", CHAT_BODY, {}),
         }
 
@@ -164,7 +167,7 @@ class _Bench:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                r = httpx.post(mesh.url + PATH, content=CHAT_BODY, headers={"x-model-id": "bench"}, timeout=2)
+                r = httpx.post(mesh.url + PATH, content=CHAT_BODY, headers={MODEL_ID_HEADER: "bench"}, timeout=2)
                 if r.status_code == 200 and self._stat(mesh, "http.imesh.ext_proc.streams_started") > 0:
                     return
             except httpx.HTTPError:

@@ -35,15 +35,16 @@ from controlplane.spec.schema import MeshSpec
 from controlplane.translate.envoy import EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table
-from controlplane.xds.cache import BOOTSTRAP_CLUSTERS, SnapshotCache
+from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
+from protos.wire import BOOTSTRAP_CLUSTERS
 
 TITLE = "Control-plane scale: 1,000 models, 10,000 endpoints"
 ORDER = 50
 
 QUICK = os.environ.get("IMESH_BENCH_QUICK") == "1"
 MODELS, ENDPOINTS_PER_MODEL = 1000, 10
-STATIC_CLUSTERS = set(BOOTSTRAP_CLUSTERS) | {"imesh_extproc"}
+STATIC_CLUSTERS = frozenset(BOOTSTRAP_CLUSTERS)
 
 
 # ----------------------------------------------------------------------------- the synthetic mesh

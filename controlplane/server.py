@@ -27,7 +27,7 @@ from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import MeshSpec, dump_spec
 from controlplane.state.store import StateStore
 from controlplane.traffic.observability import Observability
-from controlplane.translate.envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
+from controlplane.translate.envoy import EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table
 from controlplane.xds import ads
@@ -55,7 +55,7 @@ class ControlPlane:
     def __init__(self, config: ControlPlaneConfig):
         self.config = config
         self.store = StateStore(config.state_dir, config.spec)
-        self.cache = SnapshotCache(known_static_clusters={EXTPROC_CLUSTER, "imesh_xds"})
+        self.cache = SnapshotCache()  # references to the bootstrap's static clusters are valid
         self._translation_memo = TranslationMemo()
         self.tables: Latest[mesh_pb2.RoutingTable] = Latest()
         self.load_monitor = LoadMonitor(interval_s=config.scrape_interval_s)

@@ -29,6 +29,7 @@ from extproc.responses import (
     routed,
 )
 from extproc.telemetry import ExtprocMetrics, TokenMeter, TokenSampler, note_model
+from protos.wire import reply_details
 
 log = logging.getLogger("imesh.extproc")
 
@@ -158,7 +159,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         model = self._view.routing.model(name)
         if model is None:
             return immediate(model_not_found(name))
-        return json_reply(200, model.openai_body, "imesh_model")
+        return json_reply(200, model.openai_body, reply_details("model"))
 
 
 def _continue(phase: str | None) -> ext.ProcessingResponse:

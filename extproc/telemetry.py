@@ -9,7 +9,8 @@ Output tokens: Envoy's access log cannot see a response's ``usage``, so on a sam
 generation requests (every Nth) the ext_proc asks Envoy for the response body too
 (``mode_override``, STREAMED, so streams keep streaming), counts the tokens (``usage`` when the
 response has it, else one per SSE chunk with content), and hands the count back in dynamic
-metadata ``imesh.output_tokens``, which the access log carries to the control plane.
+metadata ``imesh.output_tokens`` (protos/wire.py's telemetry namespace and keys), which the access
+log carries to the control plane.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-METADATA_NAMESPACE = "imesh"  # controlplane/traffic/access_log.py reads the same keys
+from protos.wire import TELEMETRY_METADATA_NAMESPACE, TELEMETRY_MODEL_KEY, TELEMETRY_OUTPUT_TOKENS_KEY
+
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_BUFFERED_BODY = 1 << 20  # an unstreamed body larger than this is not counted (a JSON object, not a stream)
@@ -153,7 +155,8 @@ def _labels(routing, model: str | None, priority: str | None) -> tuple[str, str]
 
 def note_model(response: ext.ProcessingResponse, model: str) -> ext.ProcessingResponse:
     """Tell the access log which model a refused request asked for (it never reached a cluster)."""
-    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields["model"].string_value = model
+    notes = response.dynamic_metadata.fields[TELEMETRY_METADATA_NAMESPACE].struct_value
+    notes.fields[TELEMETRY_MODEL_KEY].string_value = model
     return response
 
 
@@ -221,7 +224,8 @@ class TokenMeter:
             return CONTINUE_RESPONSE_BODY
         metrics.token_sample()
         response = ext.ProcessingResponse(response_body=ext.BodyResponse())
-        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields["output_tokens"].number_value = tokens
+        notes = response.dynamic_metadata.fields[TELEMETRY_METADATA_NAMESPACE].struct_value
+        notes.fields[TELEMETRY_OUTPUT_TOKENS_KEY].number_value = tokens
         return response
 
     def tokens(self) -> int | None:

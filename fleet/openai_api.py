@@ -20,6 +20,7 @@ from fleet.context import replica_of
 from fleet.engine import EngineStopped, Sequence
 from fleet.errors import ApiError
 from fleet.text import embedding, embedding_base64, generated_text, generated_word, tokenize
+from protos.wire import MODEL_ID_HEADER
 
 if TYPE_CHECKING:
     from fleet.replica import Replica
@@ -56,7 +57,7 @@ def resolve_model(replica: Replica, body: dict[str, Any], request: web.Request) 
     """The body's ``model``; else the ``x-model-id`` header; else the replica's first model."""
     model = body.get("model")
     if model is None:
-        model = request.headers.get("x-model-id") or replica.models[0]
+        model = request.headers.get(MODEL_ID_HEADER) or replica.models[0]
     if not isinstance(model, str):
         raise ApiError(400, "`model` must be a string", code="invalid_request")
     replica.check_model(model)

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field, replace
 from google.protobuf import any_pb2
 
 from controlplane.xds.snapshot import InconsistentSnapshotError, Snapshot, check_consistency
+from protos.wire import BOOTSTRAP_CLUSTERS  # defined statically by envoy/bootstrap.yaml: valid targets
 
 log = logging.getLogger("imesh.xds")
-
-# Clusters Envoy's bootstrap (envoy/bootstrap.yaml) defines statically: valid targets for references.
-BOOTSTRAP_CLUSTERS = ("imesh_xds", "imesh_extproc")
 
 AckHook = Callable[[str, str, float], None]  # (node_id, version, seconds from change to full ACK)
 NackHook = Callable[[str, str, str, str], None]  # (node_id, type_url, rejected version, Envoy's message)

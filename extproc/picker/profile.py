@@ -28,6 +28,7 @@ from extproc.errors import NO_CAPACITY_RETRY_AFTER_S, SHED_RETRY_AFTER_S, Reques
 from extproc.picker.filters import Candidate, FilterContext, default_filters
 from extproc.picker.scorers import InflightScorer, KVCacheScorer, LatencyScorer, QueueScorer, RunningScorer
 from extproc.routing_view import LoadView, ModelView, PriorityView, RoutingView, ScoringView, VersionView
+from protos.wire import MODEL_NOT_FOUND, SHED_CODE
 
 INF = math.inf
 DEFAULT_HOSTS_PER_VERSION = 3
@@ -101,7 +102,7 @@ class Shed(Refusal):
 
     __slots__ = ()
     status = 429
-    code = "overloaded"
+    code = SHED_CODE
 
     def __init__(self, reason: str, retry_after_s: float = SHED_RETRY_AFTER_S):
         super().__init__(reason, retry_after_s)
@@ -131,7 +132,7 @@ class NotFound(Refusal):
 
     __slots__ = ()
     status = 404
-    code = "model_not_found"
+    code = MODEL_NOT_FOUND
 
 
 PickResult = Pick | Shed | NoCapacity | TooLarge | NotFound
