@@ -92,7 +92,3 @@ def body_too_large(size: int, limit: int) -> RequestError:
     return RequestError(
         413, "request_too_large", f"the request body is {size} bytes; this mesh accepts at most {limit}"
     )
-
-
-def version_not_found(model: str, version: str) -> RequestError:
-    return RequestError(404, "model_not_found", f"the model {model!r} has no version {version!r}")

@@ -522,21 +522,3 @@ class Picker:
             if refusal is too_large:
                 refusal = other.refusal
         return refusal
-
-
-_DEFAULT_PICKER = Picker()
-
-
-def pick_endpoints(
-    routing: RoutingView,
-    load: LoadView | None,
-    model: ModelView | str,
-    priority: PriorityView | str | None,
-    inflight: Mapping[str, float],
-    *,
-    version: str | None = None,
-    tokens: int = 0,
-    now: float | None = None,
-) -> PickResult:
-    """``Picker.pick`` on a process-wide default picker."""
-    return _DEFAULT_PICKER.pick(routing, load, model, priority, inflight, version=version, tokens=tokens, now=now)
