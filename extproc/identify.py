@@ -57,7 +57,15 @@ class Identity:
 
     __slots__ = ("model", "version", "priority", "path", "body_kind", "models_query", "requested_version")
 
-    def __init__(self, model, version, priority, path, body_kind, models_query):
+    def __init__(
+        self,
+        model: str | None,
+        version: str | None,
+        priority: str | None,
+        path: str,
+        body_kind: str | None,
+        models_query: str | None,
+    ):
         self.model: str | None = model
         self.version: str | None = version
         # The client's version header (RoutingView.version_header): honoured only where the model's

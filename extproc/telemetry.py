@@ -25,6 +25,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from extproc.mesh_view import MeshView
+from extproc.routing_view import RoutingView
 from protos.wire import TELEMETRY_METADATA_NAMESPACE, TELEMETRY_MODEL_KEY, TELEMETRY_OUTPUT_TOKENS_KEY
 
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
@@ -64,12 +66,12 @@ class ExtprocMetrics:
         self._token_samples = Counter(
             "imesh_extproc_token_samples", "Responses whose output tokens were counted.", registry=registry
         )
-        self._phases: dict[str, object] = {}
+        self._phases: dict[str | None, Histogram] = {}
         # Raw (model, priority) as the request named them -> pre-bound child, for the current routing
         # table only (a table change can turn a model into "other"); cleared if clients send junk.
-        self._routing = None
-        self._pick_children: dict[tuple, object] = {}
-        self._refusal_children: dict[tuple, object] = {}
+        self._routing: RoutingView | None = None
+        self._pick_children: dict[tuple[str, str | None], Counter] = {}
+        self._refusal_children: dict[tuple[str | None, str | None, str], Counter] = {}
 
     def decision(self, phase: str | None, started_ns: int) -> None:
         if not self.enabled:
@@ -80,11 +82,11 @@ class ExtprocMetrics:
             child = self._phases[phase] = self._decision.labels(phase or "none")
         child.observe(elapsed)
 
-    def _children(self, routing) -> None:
+    def _children(self, routing: RoutingView | None) -> None:
         if routing is not self._routing:
             self._routing, self._pick_children, self._refusal_children = routing, {}, {}
 
-    def picked(self, routing, model: str, priority: str | None) -> None:
+    def picked(self, routing: RoutingView | None, model: str, priority: str | None) -> None:
         if not self.enabled:
             return
         if routing is not self._routing:
@@ -97,7 +99,7 @@ class ExtprocMetrics:
             child = self._pick_children[key] = self._picks.labels(*_labels(routing, model, priority))
         child.inc()
 
-    def refused(self, routing, model: str | None, priority: str | None, reason: str) -> None:
+    def refused(self, routing: RoutingView | None, model: str | None, priority: str | None, reason: str) -> None:
         if not self.enabled:
             return
         if routing is not self._routing:
@@ -114,14 +116,14 @@ class ExtprocMetrics:
         if self.enabled:
             self._token_samples.inc()
 
-    def watch(self, view, registry: CollectorRegistry = REGISTRY) -> None:
+    def watch(self, view: MeshView, registry: CollectorRegistry = REGISTRY) -> None:
         """Also expose what this process knows of the mesh: routing table version, load report age."""
         if self.enabled:
             registry.register(_ViewCollector(view))
 
 
 class _ViewCollector(Collector):
-    def __init__(self, view):
+    def __init__(self, view: MeshView):
         self._view = view
 
     def describe(self):
@@ -143,7 +145,7 @@ class _ViewCollector(Collector):
         )
 
 
-def _labels(routing, model: str | None, priority: str | None) -> tuple[str, str]:
+def _labels(routing: RoutingView | None, model: str | None, priority: str | None) -> tuple[str, str]:
     if routing is None:
         return ("none" if not model else "other", priority or "none")
     if not model:

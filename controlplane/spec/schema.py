@@ -13,6 +13,7 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from protos.defaults import (
     DEFAULT_INFLIGHT_WEIGHT,
@@ -290,7 +291,7 @@ def dump_spec(spec: MeshSpec) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def _describe(source: str, err: dict) -> str:
+def _describe(source: str, err: ErrorDetails) -> str:
     path = ""
     for part in err["loc"]:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
