@@ -18,6 +18,7 @@ The figures quoted in docs/observability.md come from this module.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -178,9 +179,13 @@ def _stream_variants(workdir: Path) -> list[_Variant]:
     )
     spec = workdir / "stream.yaml"
     spec.write_text(yaml.safe_dump(_spec(_model("sim", [f"127.0.0.1:{port}"])), sort_keys=False))
-    body = (
-        '{"model": "sim", "stream": true, "max_tokens": %d, '
-        '"messages": [{"role": "user", "content": "Say hello."}]}' % STREAM_TOKENS
+    body = json.dumps(
+        {
+            "model": "sim",
+            "stream": True,
+            "max_tokens": STREAM_TOKENS,
+            "messages": [{"role": "user", "content": "Say hello."}],
+        }
     )
     script = lua_script(workdir, "stream", body, {MODEL_ID_HEADER: "sim"})
     variants = []
@@ -263,8 +268,8 @@ def _row(v: _Variant, processes: list[str]) -> str:
 
 PROCESSES = ["envoy", "extproc", "controlplane"]
 HEAD = (
-    "| configuration | req/s at %d conns | p50 ms at 1 conn | p99 ms at 1 conn | "
-    "Envoy µs/req | ext_proc µs/req | control plane µs/req | errors |" % SATURATION
+    f"| configuration | req/s at {SATURATION} conns | p50 ms at 1 conn | p99 ms at 1 conn | "
+    "Envoy µs/req | ext_proc µs/req | control plane µs/req | errors |"
 )
 
 
