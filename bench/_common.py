@@ -186,14 +186,17 @@ static_resources:
     return process, addresses
 
 
+def _lb_endpoint(address: str) -> str:
+    """One `lb_endpoints` entry of the YAML below for "host:port" (a new line, then the entry, indented for it)."""
+    host, _, port = address.rpartition(":")
+    return f"""
+        - endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}"""
+
+
 def start_plain_proxy(workdir: Path, upstreams: list[str]) -> tuple[ManagedProcess, str]:
     """ "Envoy alone": one worker, a router, a round-robin cluster of the same upstreams; no ext_proc."""
     admin, port = free_ports(2)
-    hosts = "".join(
-        f"""
-        - endpoint: {{address: {{socket_address: {{address: {a.rpartition(":")[0]}, port_value: {a.rpartition(":")[2]}}}}}}}"""
-        for a in upstreams
-    )
+    hosts = "".join(_lb_endpoint(a) for a in upstreams)
     config = f"""
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
 static_resources:

@@ -24,12 +24,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.protobuf import struct_pb2
 
+from protos.wire import MODEL_HEADER, PICK_METADATA_KEY, PICK_METADATA_NAMESPACE
+
 
 def constant_response(model: str, hosts: str) -> ext.ProcessingResponse:
     metadata = struct_pb2.Struct()
-    metadata.fields["envoy.lb"].struct_value.fields["x-imesh-endpoint"].string_value = hosts
+    metadata.fields[PICK_METADATA_NAMESPACE].struct_value.fields[PICK_METADATA_KEY].string_value = hosts
     header = base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key="x-imesh-model", raw_value=model.encode()),
+        header=base_pb2.HeaderValue(key=MODEL_HEADER, raw_value=model.encode()),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )
     common = ext.CommonResponse(header_mutation=ext.HeaderMutation(set_headers=[header]), clear_route_cache=True)

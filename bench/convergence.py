@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from protos.wire import MODEL_ID_HEADER, VERSION_HEADER
+
 TITLE = "Convergence: `imesh canary set` until Envoy serves the new split"
 ORDER = 40
 
@@ -66,10 +68,10 @@ class Observer:
             sent = time.perf_counter()
             try:
                 response = await client.post(
-                    f"{self.url}/v1/chat/completions", json=body, headers={"x-model-id": MODEL}
+                    f"{self.url}/v1/chat/completions", json=body, headers={MODEL_ID_HEADER: MODEL}
                 )
                 if response.status_code == 200:
-                    self.responses.append((sent, response.headers.get("x-imesh-version", "")))
+                    self.responses.append((sent, response.headers.get(VERSION_HEADER, "")))
                 else:
                     self.errors += 1
             except httpx.HTTPError:

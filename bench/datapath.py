@@ -50,6 +50,7 @@ from bench._common import (
 )
 from imesh.local_mesh import LocalMesh, MeshPorts
 from imesh.processes import ManagedProcess
+from protos.wire import MODEL_ID_HEADER
 
 TITLE = "Data path: Envoy alone, the mesh and its fast path"
 ORDER = 10
@@ -148,8 +149,10 @@ class _Bench:
             self._wait_routed(mesh)
         self.extproc_variant = "current"
         self.scripts = {
-            ("header", "bench"): lua_script(self.workdir, "header", CHAT_BODY, {"x-model-id": "bench"}),
-            ("header", "bench-fast"): lua_script(self.workdir, "header-fast", CHAT_BODY, {"x-model-id": "bench-fast"}),
+            ("header", "bench"): lua_script(self.workdir, "header", CHAT_BODY, {MODEL_ID_HEADER: "bench"}),
+            ("header", "bench-fast"): lua_script(
+                self.workdir, "header-fast", CHAT_BODY, {MODEL_ID_HEADER: "bench-fast"}
+            ),
             ("body", "bench"): lua_script(self.workdir, "body", CHAT_BODY, {}),
         }
 
@@ -164,7 +167,7 @@ class _Bench:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                r = httpx.post(mesh.url + PATH, content=CHAT_BODY, headers={"x-model-id": "bench"}, timeout=2)
+                r = httpx.post(mesh.url + PATH, content=CHAT_BODY, headers={MODEL_ID_HEADER: "bench"}, timeout=2)
                 if r.status_code == 200 and self._stat(mesh, "http.imesh.ext_proc.streams_started") > 0:
                     return
             except httpx.HTTPError:
@@ -373,7 +376,7 @@ def _plots(out_dir: Path, rows: list[Row]) -> list[str]:
     ratios = [r.median(SATURATION, "rps") / base for r in shown]
     colors = ["#4c72b0" if r.key == "alone" else "#55a868" if r.extproc is None else "#c44e52" for r in shown]
     bars = ax1.barh(range(len(shown)), ratios, color=colors)
-    for bar, ratio, row in zip(bars, ratios, shown):
+    for bar, ratio, row in zip(bars, ratios, shown, strict=True):
         ax1.text(
             bar.get_width() + 0.01,
             bar.get_y() + bar.get_height() / 2,
@@ -407,10 +410,10 @@ def _plots(out_dir: Path, rows: list[Row]) -> list[str]:
     parts = ["Envoy", "ext_proc", "control plane", "upstream", "wrk"]
     palette = ["#4c72b0", "#c44e52", "#8172b2", "#937860", "#8c8c8c"]
     left = [0.0] * len(shown)
-    for part, color in zip(parts, palette):
+    for part, color in zip(parts, palette, strict=True):
         values = [statistics.median(r.cpu[part]) if r.cpu.get(part) else 0.0 for r in shown]
         ax.barh(range(len(shown)), values, left=left, color=color, label=part)
-        left = [a + b for a, b in zip(left, values)]
+        left = [a + b for a, b in zip(left, values, strict=True)]
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"CPU µs per request at {SATURATION} connections, by process")
@@ -480,7 +483,7 @@ def _report(rows: list[Row], plots: list[str], profile_note: str, top, load: tup
 
     out.append("| target | measured | met | capacity (CPU per request) |")
     out.append("|---|---:|:---:|---:|")
-    for (text, value, limit, fmt), row in zip(checks, (header, header, fast)):
+    for (text, value, limit, fmt), row in zip(checks, (header, header, fast), strict=True):
         ok = value <= limit if "adds" in text else value >= limit
         cap = capacity(row) if "throughput" in text else "—"
         out.append(f"| {text} | {fmt.format(value)} | {'yes' if ok else 'no'} | {cap} |")

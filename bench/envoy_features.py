@@ -50,6 +50,7 @@ from bench._common import (
 )
 from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
 from imesh.processes import ManagedProcess
+from protos.wire import INTERNAL_HEADER_PREFIX, MODEL_ID_HEADER
 
 TITLE = "Envoy on the fast path: what each feature of the mesh's configuration costs"
 ORDER = 12
@@ -92,7 +93,7 @@ def _routed_dump(mesh: LocalMesh, endpoints: int, timeout_s: float = 30) -> dict
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            r = httpx.post(mesh.url + PATH, content=CHAT_BODY, headers={"x-model-id": MODEL}, timeout=2)
+            r = httpx.post(mesh.url + PATH, content=CHAT_BODY, headers={MODEL_ID_HEADER: MODEL}, timeout=2)
             if r.status_code == 200:
                 dump = httpx.get(mesh.admin_url + "/config_dump", params={"include_eds": ""}, timeout=5).json()
                 eds = next(c for c in dump["configs"] if _kind(c) == "EndpointsConfigDump")
@@ -252,7 +253,7 @@ def without_response_headers(b: dict) -> None:
             kept = [
                 h
                 for h in holder["response_headers_to_add"]
-                if not h.get("header", {}).get("key", "").lower().startswith("x-imesh-")
+                if not h.get("header", {}).get("key", "").lower().startswith(INTERNAL_HEADER_PREFIX)
             ]
             if kept:
                 holder["response_headers_to_add"] = kept
@@ -386,7 +387,7 @@ def _start_variant(workdir: Path, base: dict, variant: Variant, live: list[Manag
     url = f"http://127.0.0.1:{port}"
 
     def serves() -> bool:
-        return httpx.post(url + PATH, content=CHAT_BODY, headers={"x-model-id": MODEL}, timeout=1).status_code == 200
+        return httpx.post(url + PATH, content=CHAT_BODY, headers={MODEL_ID_HEADER: MODEL}, timeout=1).status_code == 200
 
     process.wait_until(serves, 30)
     return Proxy(process, url, f"http://127.0.0.1:{admin}")
@@ -451,7 +452,7 @@ def _measure_all(workdir: Path) -> tuple[list[Cell], dict]:
             for holder in _access_log_holders(base)
             for log in holder.get("access_log", [])
         ]
-        script = lua_script(workdir, "fast", CHAT_BODY, {"x-model-id": MODEL})
+        script = lua_script(workdir, "fast", CHAT_BODY, {MODEL_ID_HEADER: MODEL})
         _signal(mesh.processes["envoy"], signal.SIGSTOP)  # the mesh's own Envoy sits idle, out of the way
         pids = {"upstream": upstream.popen.pid, "controlplane": mesh.processes["controlplane"].popen.pid}
         for round_ in range(ROUNDS):
@@ -542,7 +543,7 @@ def _report(cells: list[Cell], info: dict, plot: str) -> str:
         f"static bootstraps by {len(cells) - 1} Envoys (1 worker each), one per variant, plus Envoy alone over "
         f"the same 4 upstreams. The mesh's control plane and ext_proc keep running (the gRPC access log goes to "
         f"the control plane); the mesh's own Envoy is stopped. wrk 1 thread, {SATURATION} connections, POST "
-        f"`{PATH}` with `x-model-id`; {ROUNDS} interleaved rounds of {SECONDS} s, only the measured Envoy "
+        f"`{PATH}` with `{MODEL_ID_HEADER}`; {ROUNDS} interleaved rounds of {SECONDS} s, only the measured Envoy "
         f"running (the others SIGSTOPped), fresh Envoys every round (so the spread over rounds includes "
         f"the difference between two processes with the same configuration); medians. CPU per request is "
         f"user + system time over the requests served; the control plane's includes its load scraping (see "

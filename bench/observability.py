@@ -18,6 +18,7 @@ The figures quoted in docs/observability.md come from this module.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ from bench._common import (
 )
 from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
 from imesh.processes import StartupError
+from protos.wire import MODEL_ID_HEADER, PRIORITY_HEADER
 
 TITLE = "Telemetry: access logs, token counting, metrics"
 ORDER = 50
@@ -130,8 +132,8 @@ def _static_variants(workdir: Path) -> tuple[list, list[_Variant], list[_Variant
             _spec(_model("bench", addresses[:2]), _model("bench-fast", addresses[2:], "fast")), sort_keys=False
         )
     )
-    fast = lua_script(workdir, "fast", CHAT_BODY, {"x-model-id": "bench-fast"})
-    picker = lua_script(workdir, "picker", CHAT_BODY, {"x-model-id": "bench"})
+    fast = lua_script(workdir, "fast", CHAT_BODY, {MODEL_ID_HEADER: "bench-fast"})
+    picker = lua_script(workdir, "picker", CHAT_BODY, {MODEL_ID_HEADER: "bench"})
     quiet = ("--no-grpc-access-log", "--access-log-path", "")
     meshes = {}
     for name, cp_args, ext_args in (
@@ -177,11 +179,15 @@ def _stream_variants(workdir: Path) -> list[_Variant]:
     )
     spec = workdir / "stream.yaml"
     spec.write_text(yaml.safe_dump(_spec(_model("sim", [f"127.0.0.1:{port}"])), sort_keys=False))
-    body = (
-        '{"model": "sim", "stream": true, "max_tokens": %d, '
-        '"messages": [{"role": "user", "content": "Say hello."}]}' % STREAM_TOKENS
+    body = json.dumps(
+        {
+            "model": "sim",
+            "stream": True,
+            "max_tokens": STREAM_TOKENS,
+            "messages": [{"role": "user", "content": "Say hello."}],
+        }
     )
-    script = lua_script(workdir, "stream", body, {"x-model-id": "sim"})
+    script = lua_script(workdir, "stream", body, {MODEL_ID_HEADER: "sim"})
     variants = []
     for i, rate in enumerate(("0", "1")):
         mesh = LocalMesh(
@@ -232,7 +238,7 @@ def _micro() -> dict[str, float]:
     common.time_to_first_upstream_rx_byte.FromMicroseconds(900)
     common.time_to_last_upstream_rx_byte.FromMicroseconds(1900)
     common.duration.FromMicroseconds(2000)
-    entry.request.request_headers["x-priority"] = "standard"
+    entry.request.request_headers[PRIORITY_HEADER] = "standard"
     entry.response.response_code.value = 200
     entry.response.response_headers["content-type"] = "application/json"
     sinks = [RequestMetrics(CollectorRegistry(), labels), RequestStats(labels=labels)]
@@ -262,8 +268,8 @@ def _row(v: _Variant, processes: list[str]) -> str:
 
 PROCESSES = ["envoy", "extproc", "controlplane"]
 HEAD = (
-    "| configuration | req/s at %d conns | p50 ms at 1 conn | p99 ms at 1 conn | "
-    "Envoy µs/req | ext_proc µs/req | control plane µs/req | errors |" % SATURATION
+    f"| configuration | req/s at {SATURATION} conns | p50 ms at 1 conn | p99 ms at 1 conn | "
+    "Envoy µs/req | ext_proc µs/req | control plane µs/req | errors |"
 )
 
 
@@ -335,12 +341,12 @@ def run(out_dir: Path) -> str:
         for mesh in meshes:  # the first stream mesh starts the fleet both stream meshes use
             started.append(_start(mesh))
         for v in [*logging, *tokens]:
-            _wait(v.mesh, CHAT_BODY, {"x-model-id": "bench-fast" if "fast" in v.name else "bench"})
+            _wait(v.mesh, CHAT_BODY, {MODEL_ID_HEADER: "bench-fast" if "fast" in v.name else "bench"})
         for v in stream:
             _wait(
                 v.mesh,
                 '{"model": "sim", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}',
-                {"x-model-id": "sim"},
+                {MODEL_ID_HEADER: "sim"},
             )
         for v in [*logging, *tokens, *stream]:
             v.measure_idle()

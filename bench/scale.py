@@ -18,6 +18,7 @@ control-plane RSS <= 300 MB.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -36,15 +37,17 @@ from controlplane.state.overrides import Overrides
 from controlplane.translate.envoy import EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table
-from controlplane.xds.cache import BOOTSTRAP_CLUSTERS, SnapshotCache
+from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
+from protos.wire import BOOTSTRAP_CLUSTERS
 
 TITLE = "Control-plane scale: 1,000 models, 10,000 endpoints"
 ORDER = 50
 
 QUICK = os.environ.get("IMESH_BENCH_QUICK") == "1"
 MODELS, ENDPOINTS_PER_MODEL = 1000, 10
-STATIC_CLUSTERS = set(BOOTSTRAP_CLUSTERS) | {"imesh_extproc"}
+STATIC_CLUSTERS = frozenset(BOOTSTRAP_CLUSTERS)
+NO_OVERRIDES = Overrides()
 
 
 # ----------------------------------------------------------------------------- the synthetic mesh
@@ -91,7 +94,7 @@ class Builder:
     previous: Snapshot | None = None
     version: int = 0
 
-    def build(self, overrides: Overrides = Overrides()) -> tuple[Snapshot, dict[str, float]]:
+    def build(self, overrides: Overrides = NO_OVERRIDES) -> tuple[Snapshot, dict[str, float]]:
         self.version += 1
         c0 = time.thread_time()
         t0 = time.perf_counter()
@@ -259,21 +262,11 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
                 published = await cache.publish(snapshot)
                 t1 = time.perf_counter()
 
-                async def visible() -> bool:
-                    url = f"{admin}/config_dump?resource=dynamic_endpoint_configs&include_eds&name_regex=^{cluster}$"
-                    raw = (await http.get(url)).json()
-                    for config in raw.get("configs", []):
-                        for locality in config.get("endpoint_config", {}).get("endpoints", []):
-                            for lb in locality.get("lb_endpoints", []):
-                                socket = lb["endpoint"]["address"]["socket_address"]
-                                if f"{socket['address']}:{socket['port_value']}" == address:
-                                    # config_dump shows a host's coarse health: EDS DRAINING reads UNHEALTHY
-                                    return (lb.get("health_status", "HEALTHY") != "HEALTHY") == drained
-                    return False
-
+                visible = functools.partial(_endpoint_drained_on_envoy, http, admin, cluster, address, drained)
                 await _eventually(visible, 60, "the endpoint change on Envoy's admin", 0.002)
                 t2 = time.perf_counter()
-                await _eventually(lambda: published.version in acked_at, 60, "the change ACKed", 0.002)
+                acked = lambda version=published.version: version in acked_at  # noqa: E731 - bound now, not at call
+                await _eventually(acked, 60, "the change ACKed", 0.002)
                 rows.append(
                     {
                         "build_s": phases["total"],
@@ -292,6 +285,22 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
         await server.stop(0)
         gc.unfreeze()
     return out
+
+
+async def _endpoint_drained_on_envoy(
+    http: httpx.AsyncClient, admin: str, cluster: str, address: str, drained: bool
+) -> bool:
+    """True once Envoy's admin shows `address` of `cluster` drained (or not) as `drained` says."""
+    url = f"{admin}/config_dump?resource=dynamic_endpoint_configs&include_eds&name_regex=^{cluster}$"
+    raw = (await http.get(url)).json()
+    for config in raw.get("configs", []):
+        for locality in config.get("endpoint_config", {}).get("endpoints", []):
+            for lb in locality.get("lb_endpoints", []):
+                socket = lb["endpoint"]["address"]["socket_address"]
+                if f"{socket['address']}:{socket['port_value']}" == address:
+                    # config_dump shows a host's coarse health: EDS DRAINING reads UNHEALTHY
+                    return (lb.get("health_status", "HEALTHY") != "HEALTHY") == drained
+    return False
 
 
 def _per_change_resources(stream, changes: int) -> float | None:
@@ -390,7 +399,7 @@ def _plot(out_dir: Path, builds: dict, rounds: dict[str, dict]) -> list[str]:
     for phase in phases:
         widths = [statistics.median(r[phase] for r in runs) * 1e3 for runs in rows.values()]
         ax.barh(list(rows), widths, left=left, label=phase)
-        left = [a + b for a, b in zip(left, widths)]
+        left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.axvline(500, color="red", linestyle="--", linewidth=1, label="target: full build 500 ms")
     ax.set_xlabel("milliseconds (median)")
     ax.set_title(f"Snapshot build, {MODELS} models / {MODELS * ENDPOINTS_PER_MODEL} endpoints")
@@ -495,7 +504,8 @@ def _report(builds: dict, rounds: dict, process: dict, plots: list[str], repeats
         "**Snapshot build** (median ms; cold = nothing memoized, as at start-up; incremental = the control "
         "plane's normal path, with the translation memo and `Snapshot(reuse=)`):",
         "",
-        "| build | mesh model | translate | snapshot (serialize + digest) | consistency | total | CPU | resources changed |",
+        "| build | mesh model | translate | snapshot (serialize + digest) | consistency | total | CPU "
+        "| resources changed |",
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = {"cold (full)": builds["cold"], **builds["incremental"]}

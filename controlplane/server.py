@@ -28,7 +28,7 @@ from controlplane.spec.schema import MeshSpec, dump_spec
 from controlplane.state.overrides import Overrides
 from controlplane.state.store import MeshState, StateStore
 from controlplane.traffic.observability import Observability
-from controlplane.translate.envoy import EXTPROC_CLUSTER, EnvoyOptions, translate
+from controlplane.translate.envoy import EnvoyOptions, translate
 from controlplane.translate.memo import TranslationMemo
 from controlplane.translate.table import translate_routing_table
 from controlplane.xds import server as ads_server
@@ -56,7 +56,7 @@ class ControlPlane:
     def __init__(self, config: ControlPlaneConfig):
         self.config = config
         self.store = StateStore(config.state_dir, config.spec)
-        self.cache = SnapshotCache(known_static_clusters={EXTPROC_CLUSTER, "imesh_xds"})
+        self.cache = SnapshotCache()  # references to the bootstrap's static clusters are valid
         # Both memos keep what one rebuild hands to the next (docs/xds.md, "Build performance").
         self._model_memo = MeshModelMemo()
         self._translation_memo = TranslationMemo()

@@ -1,25 +1,16 @@
 """Errors the mesh itself answers, in the OpenAI error envelope.
 
-``{"error": {"type": ..., "message": ..., "code": ...}}`` with the HTTP status of DESIGN.md's table;
+``{"error": {"type": ..., "message": ..., "code": ...}}`` (protos/wire.py builds it, for Envoy's
+direct responses too) with the HTTP status of docs/contracts.md's table ("Errors");
 429 and 503 carry ``Retry-After`` (whole seconds, as HTTP wants). The servicer turns a
 ``RequestError`` into an ext_proc ImmediateResponse with ``status``, ``headers()`` and ``body``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
-# The envelope's "type" by status, as OpenAI's API names them; anything else is "api_error".
-ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
+from protos.wire import MODEL_NOT_FOUND, error_body, error_type
 
 # Retry-After defaults: a shed request may come back almost at once (load moves in tens of ms);
 # "no replica at all" usually means a deployment or scale-up, which takes longer.
@@ -53,7 +44,7 @@ class RequestError(Exception):
         self.status = status
         self.code = code
         self.message = message
-        self.type = type or ERROR_TYPES.get(status, "api_error")
+        self.type = type or error_type(status)
         if retry_after_s is None and status in (429, 503):
             retry_after_s = SHED_RETRY_AFTER_S if status == 429 else NO_CAPACITY_RETRY_AFTER_S
         self.retry_after_s = retry_after_s
@@ -63,10 +54,7 @@ class RequestError(Exception):
         """The JSON envelope, as bytes for the ImmediateResponse body (rendered once)."""
         body = self._envelope
         if body is None:
-            body = self._envelope = json.dumps(
-                {"error": {"type": self.type, "message": self.message, "code": self.code}},
-                separators=(",", ":"),
-            ).encode()
+            body = self._envelope = error_body(self.type, self.message, self.code).encode()
         return body
 
     @property
@@ -97,14 +85,10 @@ class RequestError(Exception):
 
 
 def model_not_found(name: str) -> RequestError:
-    return RequestError(404, "model_not_found", f"the model {name!r} does not exist in this mesh")
+    return RequestError(404, MODEL_NOT_FOUND, f"the model {name!r} does not exist in this mesh")
 
 
 def body_too_large(size: int, limit: int) -> RequestError:
     return RequestError(
         413, "request_too_large", f"the request body is {size} bytes; this mesh accepts at most {limit}"
     )
-
-
-def version_not_found(model: str, version: str) -> RequestError:
-    return RequestError(404, "model_not_found", f"the model {model!r} has no version {version!r}")

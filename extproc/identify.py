@@ -1,6 +1,6 @@
 """Which model, version and priority a request is for: the first thing done per request.
 
-Order of evidence (DESIGN.md, "Model identity"):
+Order of evidence (docs/contracts.md, "Model identity"):
 
 1. header ``x-model-id``: the whole value is the model name. The version is not taken from it:
    which version serves a request is the canary split's business (Envoy's weighted_clusters);
@@ -29,9 +29,7 @@ from collections.abc import Mapping
 from urllib.parse import unquote
 
 from extproc.errors import RequestError, body_too_large
-
-MODEL_HEADER = "x-model-id"
-PRIORITY_HEADER = "x-priority"
+from protos.wire import MODEL_ID_HEADER, MODELS_LIST_PATH, PRIORITY_HEADER
 
 # POST endpoints whose model is named only in the JSON body.
 BODY_MODEL_PATHS = frozenset(
@@ -44,8 +42,7 @@ BODY_MODEL_PATHS = frozenset(
 )
 # KServe v2 gRPC: unary inference only (a stream's body cannot be buffered before routing).
 KSERVE_GRPC_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
-MODELS_LIST_PATH = "/v1/models"
-_MODELS_PREFIX = "/v1/models/"
+_MODELS_PREFIX = MODELS_LIST_PATH + "/"
 _KSERVE_PREFIX = "/v2/models/"
 _KSERVE_PREFIX_LEN = len(_KSERVE_PREFIX)
 
@@ -60,7 +57,15 @@ class Identity:
 
     __slots__ = ("model", "version", "priority", "path", "body_kind", "models_query", "requested_version")
 
-    def __init__(self, model, version, priority, path, body_kind, models_query):
+    def __init__(
+        self,
+        model: str | None,
+        version: str | None,
+        priority: str | None,
+        path: str,
+        body_kind: str | None,
+        models_query: str | None,
+    ):
         self.model: str | None = model
         self.version: str | None = version
         # The client's version header (RoutingView.version_header): honoured only where the model's
@@ -135,7 +140,7 @@ def identify(headers: Mapping[str, str]) -> Identity:
     get = headers.get
     path = get(":path") or "/"
     priority = get(PRIORITY_HEADER) or None
-    model = get(MODEL_HEADER)
+    model = get(MODEL_ID_HEADER)
     if model:
         model = model.strip()
     version = None
@@ -187,7 +192,8 @@ def parse_body(body: bytes, max_bytes: int = 0) -> BodyInfo:
         raise RequestError(
             400,
             "missing_model",
-            'missing model: the request body has no "model" string (name the model in "model" or in x-model-id)',
+            'missing model: the request body has no "model" string '
+            f'(name the model in "model" or in {MODEL_ID_HEADER})',
         )
     return BodyInfo(model, estimate_tokens(doc))
 
@@ -300,7 +306,7 @@ def parse_kserve_grpc_body(body: bytes, max_bytes: int = 0) -> BodyInfo:
         raise RequestError(
             400,
             "invalid_request",
-            "a compressed gRPC message cannot be routed by its model_name; send the model in x-model-id",
+            f"a compressed gRPC message cannot be routed by its model_name; send the model in {MODEL_ID_HEADER}",
         )
     end = 5 + int.from_bytes(body[1:5], "big")
     if end > len(body):

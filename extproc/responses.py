@@ -12,11 +12,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.errors import RequestError
-
-LB_NAMESPACE = "envoy.lb"
-LB_KEY = "x-imesh-endpoint"
-MODEL_HEADER = "x-imesh-model"
-VERSION_HEADER = "x-imesh-version"
+from protos.wire import MODEL_HEADER, PICK_METADATA_KEY, PICK_METADATA_NAMESPACE, VERSION_HEADER, reply_details
 
 CONTINUE_HEADERS = ext.ProcessingResponse(request_headers=ext.HeadersResponse())
 CONTINUE_BODY = ext.ProcessingResponse(request_body=ext.BodyResponse())
@@ -49,7 +45,7 @@ def route_mutation(model: str, version: str | None = None) -> ext.CommonResponse
 def routed(common: ext.CommonResponse, hosts: str, body_phase: bool) -> ext.ProcessingResponse:
     """Route to the pinned version and hand Envoy the ranked hosts through envoy.lb metadata."""
     metadata = struct_pb2.Struct()
-    metadata.fields[LB_NAMESPACE].struct_value.fields[LB_KEY].string_value = hosts
+    metadata.fields[PICK_METADATA_NAMESPACE].struct_value.fields[PICK_METADATA_KEY].string_value = hosts
     if body_phase:
         return ext.ProcessingResponse(request_body=ext.BodyResponse(response=common), dynamic_metadata=metadata)
     return ext.ProcessingResponse(request_headers=ext.HeadersResponse(response=common), dynamic_metadata=metadata)
@@ -58,7 +54,7 @@ def routed(common: ext.CommonResponse, hosts: str, body_phase: bool) -> ext.Proc
 def immediate(error: RequestError) -> ext.ProcessingResponse:
     """A refusal in the JSON error envelope, with Retry-After where the client should come back."""
     extra = (("retry-after", error.retry_after),) if error.retry_after else ()
-    return json_reply(error.status, error.envelope(), f"imesh_{error.code}", extra)
+    return json_reply(error.status, error.envelope(), reply_details(error.code), extra)
 
 
 def json_reply(status: int, body: bytes, details: str, extra_headers=()) -> ext.ProcessingResponse:

@@ -8,20 +8,20 @@ and read without locks.
 
 from __future__ import annotations
 
-import json
 import math
 
 from protos import mesh_pb2
-
-# Used when a table carries no Scoring, or a threshold of 0 (proto3's "unset"): the spec's defaults.
-DEFAULT_QUEUE_WEIGHT = 2.0
-DEFAULT_KV_CACHE_WEIGHT = 2.0
-DEFAULT_INFLIGHT_WEIGHT = 1.0
-DEFAULT_LATENCY_WEIGHT = 2.0
-DEFAULT_SATURATION_QUEUE = 5.0
-DEFAULT_SATURATION_KV = 0.8
-DEFAULT_STALE_AFTER_S = 2.0
-DEFAULT_PRIORITY = "standard"
+from protos.defaults import (
+    DEFAULT_INFLIGHT_WEIGHT,
+    DEFAULT_KV_CACHE_WEIGHT,
+    DEFAULT_LATENCY_WEIGHT,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE_WEIGHT,
+    DEFAULT_SATURATION_KV,
+    DEFAULT_SATURATION_QUEUE,
+    DEFAULT_STALE_AFTER_S,
+)
+from protos.wire import model_body, models_list_body
 
 
 class EndpointView:
@@ -75,7 +75,7 @@ class ModelView:
     """One model. ``versions`` in table order; ``routed`` are those with weight > 0, heaviest first
     (the versions Envoy's weighted_clusters can choose)."""
 
-    __slots__ = ("name", "versions", "by_version", "routed", "openai_entry", "openai_body", "allow_version_override")
+    __slots__ = ("name", "versions", "by_version", "routed", "openai_body", "allow_version_override")
 
     def __init__(self, m: mesh_pb2.Model):
         self.name: str = m.name
@@ -86,8 +86,7 @@ class ModelView:
         self.routed: tuple[VersionView, ...] = tuple(
             sorted((v for v in self.versions if v.weight > 0), key=lambda v: -v.weight)
         )
-        self.openai_entry = {"id": m.name, "object": "model", "created": 0, "owned_by": "inference-mesh"}
-        self.openai_body: bytes = json.dumps(self.openai_entry, separators=(",", ":")).encode()
+        self.openai_body: bytes = model_body(m.name).encode()  # GET /v1/models/{name}
 
     def version(self, name: str) -> VersionView | None:
         return self.by_version.get(name)
@@ -124,6 +123,9 @@ class PriorityView:
 
 
 class ScoringView:
+    """How the picker weighs load. The spec's defaults (protos/defaults.py) stand in when a table
+    carries no Scoring, or a threshold of 0 (proto3's "unset")."""
+
     __slots__ = (
         "queue_weight",
         "kv_cache_weight",
@@ -210,9 +212,7 @@ class RoutingView:
         self.endpoints: dict[str, EndpointView] = {
             e.address: e for m in models.values() for v in m.versions for e in v.endpoints
         }
-        self.models_list_body: bytes = json.dumps(
-            {"object": "list", "data": [m.openai_entry for m in models.values()]}, separators=(",", ":")
-        ).encode()
+        self.models_list_body: bytes = models_list_body(models).encode()
 
     @classmethod
     def from_proto(cls, table: mesh_pb2.RoutingTable) -> RoutingView:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 
+import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
@@ -28,7 +30,9 @@ from extproc.responses import (
     route_mutation,
     routed,
 )
+from extproc.routing_view import RoutingView
 from extproc.telemetry import ExtprocMetrics, TokenMeter, TokenSampler, note_model
+from protos.wire import reply_details
 
 log = logging.getLogger("imesh.extproc")
 
@@ -48,7 +52,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         # model -> the CommonResponse that selects its weighted route; built once, copied per request
         self._model_routes: dict[str, ext.CommonResponse] = {}
 
-    async def Process(self, requests, context):
+    async def Process(  # noqa: N802 (gRPC name)
+        self, requests: AsyncIterator[ext.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ext.ProcessingResponse]:
         identity: Identity | None = None
         meter: TokenMeter | None = None
         metrics = self._metrics
@@ -80,9 +86,10 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if routing.version_header:
             identity.requested_version = headers.get(routing.version_header) or None
         if identity.models_query is not None:
-            return identity, self._models_response(identity.models_query)
+            return identity, self._models_response(routing, identity.models_query)
         if identity.model is not None:
             return identity, self._route(
+                routing,
                 identity.model,
                 identity.version,
                 identity.priority,
@@ -102,14 +109,16 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
 
     def on_body(self, identity: Identity | None, body: bytes) -> ext.ProcessingResponse:
         routing = self._view.routing
-        if identity is None or routing is None or not identity.needs_body:
+        kind = identity.body_kind if identity is not None else None  # None: no body was asked for
+        if identity is None or routing is None or kind is None:
             return CONTINUE_BODY
         try:
-            info = parse_request_body(identity.body_kind, body, routing.max_body_bytes)
+            info = parse_request_body(kind, body, routing.max_body_bytes)
         except RequestError as error:
             self._metrics.refused(routing, None, identity.priority, error.code)
             return immediate(error)
         return self._route(
+            routing,
             info.model,
             info.version or identity.version,
             identity.priority,
@@ -122,27 +131,28 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
 
     def _route(
         self,
+        routing: RoutingView,
         model: str,
         version: str | None,
         priority: str | None,
         tokens: int,
         body_phase: bool,
         requested: str | None = None,
-    ):
+    ) -> ext.ProcessingResponse:
         view = self._view
         if requested is not None and version is None:
             # A forced version (A/B testing) only where the spec allows it; elsewhere the header is
             # ignored, as Envoy's fail-open routes ignore it (docs/canary.md).
-            m = view.routing.model(model)
+            m = routing.model(model)
             if m is not None and m.allow_version_override:
                 version = requested
         result = self._picker.pick(
-            view.routing, view.load, model, priority, view.recent_picks, version=version, tokens=tokens
+            routing, view.load, model, priority, view.recent_picks, version=version, tokens=tokens
         )
-        if type(result) is not Pick:
-            self._metrics.refused(view.routing, model, priority, result.code)
+        if not isinstance(result, Pick):
+            self._metrics.refused(routing, model, priority, result.code)
             return note_model(immediate(result.error()), model)  # the access log's model for it
-        self._metrics.picked(view.routing, result.model, priority)
+        self._metrics.picked(routing, result.model, priority)
         view.note_pick(result.primaries)
         if result.version is not None:
             common = route_mutation(result.model, result.version)
@@ -152,13 +162,13 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 common = self._model_routes.setdefault(result.model, route_mutation(result.model))
         return routed(common, result.header_value, body_phase)
 
-    def _models_response(self, name: str) -> ext.ProcessingResponse:
+    def _models_response(self, routing: RoutingView, name: str) -> ext.ProcessingResponse:
         if name == "":
             return CONTINUE_HEADERS  # GET /v1/models: Envoy answers from its route, even with us down
-        model = self._view.routing.model(name)
+        model = routing.model(name)
         if model is None:
             return immediate(model_not_found(name))
-        return json_reply(200, model.openai_body, "imesh_model")
+        return json_reply(200, model.openai_body, reply_details("model"))
 
 
 def _continue(phase: str | None) -> ext.ProcessingResponse:

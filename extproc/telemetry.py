@@ -9,7 +9,8 @@ Output tokens: Envoy's access log cannot see a response's ``usage``, so on a sam
 generation requests (every Nth) the ext_proc asks Envoy for the response body too
 (``mode_override``, STREAMED, so streams keep streaming), counts the tokens (``usage`` when the
 response has it, else one per SSE chunk with content), and hands the count back in dynamic
-metadata ``imesh.output_tokens``, which the access log carries to the control plane.
+metadata ``imesh.output_tokens`` (protos/wire.py's telemetry namespace and keys), which the access
+log carries to the control plane.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-METADATA_NAMESPACE = "imesh"  # controlplane/traffic/access_log.py reads the same keys
+from extproc.mesh_view import MeshView
+from extproc.routing_view import RoutingView
+from protos.wire import TELEMETRY_METADATA_NAMESPACE, TELEMETRY_MODEL_KEY, TELEMETRY_OUTPUT_TOKENS_KEY
+
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_BUFFERED_BODY = 1 << 20  # an unstreamed body larger than this is not counted (a JSON object, not a stream)
@@ -62,12 +66,12 @@ class ExtprocMetrics:
         self._token_samples = Counter(
             "imesh_extproc_token_samples", "Responses whose output tokens were counted.", registry=registry
         )
-        self._phases: dict[str, object] = {}
+        self._phases: dict[str | None, Histogram] = {}
         # Raw (model, priority) as the request named them -> pre-bound child, for the current routing
         # table only (a table change can turn a model into "other"); cleared if clients send junk.
-        self._routing = None
-        self._pick_children: dict[tuple, object] = {}
-        self._refusal_children: dict[tuple, object] = {}
+        self._routing: RoutingView | None = None
+        self._pick_children: dict[tuple[str, str | None], Counter] = {}
+        self._refusal_children: dict[tuple[str | None, str | None, str], Counter] = {}
 
     def decision(self, phase: str | None, started_ns: int) -> None:
         if not self.enabled:
@@ -78,11 +82,11 @@ class ExtprocMetrics:
             child = self._phases[phase] = self._decision.labels(phase or "none")
         child.observe(elapsed)
 
-    def _children(self, routing) -> None:
+    def _children(self, routing: RoutingView | None) -> None:
         if routing is not self._routing:
             self._routing, self._pick_children, self._refusal_children = routing, {}, {}
 
-    def picked(self, routing, model: str, priority: str | None) -> None:
+    def picked(self, routing: RoutingView | None, model: str, priority: str | None) -> None:
         if not self.enabled:
             return
         if routing is not self._routing:
@@ -95,7 +99,7 @@ class ExtprocMetrics:
             child = self._pick_children[key] = self._picks.labels(*_labels(routing, model, priority))
         child.inc()
 
-    def refused(self, routing, model: str | None, priority: str | None, reason: str) -> None:
+    def refused(self, routing: RoutingView | None, model: str | None, priority: str | None, reason: str) -> None:
         if not self.enabled:
             return
         if routing is not self._routing:
@@ -112,14 +116,14 @@ class ExtprocMetrics:
         if self.enabled:
             self._token_samples.inc()
 
-    def watch(self, view, registry: CollectorRegistry = REGISTRY) -> None:
+    def watch(self, view: MeshView, registry: CollectorRegistry = REGISTRY) -> None:
         """Also expose what this process knows of the mesh: routing table version, load report age."""
         if self.enabled:
             registry.register(_ViewCollector(view))
 
 
 class _ViewCollector(Collector):
-    def __init__(self, view):
+    def __init__(self, view: MeshView):
         self._view = view
 
     def describe(self):
@@ -141,7 +145,7 @@ class _ViewCollector(Collector):
         )
 
 
-def _labels(routing, model: str | None, priority: str | None) -> tuple[str, str]:
+def _labels(routing: RoutingView | None, model: str | None, priority: str | None) -> tuple[str, str]:
     if routing is None:
         return ("none" if not model else "other", priority or "none")
     if not model:
@@ -153,7 +157,8 @@ def _labels(routing, model: str | None, priority: str | None) -> tuple[str, str]
 
 def note_model(response: ext.ProcessingResponse, model: str) -> ext.ProcessingResponse:
     """Tell the access log which model a refused request asked for (it never reached a cluster)."""
-    response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields["model"].string_value = model
+    notes = response.dynamic_metadata.fields[TELEMETRY_METADATA_NAMESPACE].struct_value
+    notes.fields[TELEMETRY_MODEL_KEY].string_value = model
     return response
 
 
@@ -221,7 +226,8 @@ class TokenMeter:
             return CONTINUE_RESPONSE_BODY
         metrics.token_sample()
         response = ext.ProcessingResponse(response_body=ext.BodyResponse())
-        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields["output_tokens"].number_value = tokens
+        notes = response.dynamic_metadata.fields[TELEMETRY_METADATA_NAMESPACE].struct_value
+        notes.fields[TELEMETRY_OUTPUT_TOKENS_KEY].number_value = tokens
         return response
 
     def tokens(self) -> int | None:

@@ -20,6 +20,7 @@ from fleet.context import ServingReplica, replica_of
 from fleet.engine import EngineStopped, Sequence
 from fleet.errors import ApiError
 from fleet.text import embedding, embedding_base64, generated_text, generated_word, tokenize
+from protos.wire import MODEL_ID_HEADER
 
 # Output length when the request names no max_tokens (the sequence then ends with "stop").
 DEFAULT_OUTPUT_TOKENS = 16
@@ -53,7 +54,7 @@ def resolve_model(replica: ServingReplica, body: dict[str, Any], request: web.Re
     """The body's ``model``; else the ``x-model-id`` header; else the replica's first model."""
     model = body.get("model")
     if model is None:
-        model = request.headers.get("x-model-id") or replica.models[0]
+        model = request.headers.get(MODEL_ID_HEADER) or replica.models[0]
     if not isinstance(model, str):
         raise ApiError(400, "`model` must be a string", code="invalid_request")
     replica.check_model(model)

@@ -29,7 +29,7 @@ DEMO_FLEET = REPO / "examples" / "demo" / "fleet.yaml"
 
 @dataclass(frozen=True)
 class MeshPorts:
-    """Defaults are DESIGN.md's; tests use `MeshPorts.ephemeral()` so several meshes run side by side."""
+    """Defaults: docs/contracts.md, "Default ports"; tests use `MeshPorts.ephemeral()` so meshes run side by side."""
 
     listener: int = 8080
     admin: int = 9901

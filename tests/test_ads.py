@@ -15,7 +15,7 @@ import httpx
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.xds.cache import Publisher, SnapshotCache
+from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import AggregatedDiscoveryServicer, add_to_server
 from controlplane.xds.snapshot import (
     CLUSTER,
@@ -351,25 +351,6 @@ async def test_per_node_override() -> None:
     assert not waiter.done()
     newer = await cache.publish(Snapshot.build(listeners=[listener(2)], routes=[route_config(direct("/", "x"))]))
     assert await asyncio.wait_for(waiter, 1) is newer
-
-
-async def test_publisher_coalesces_bursts() -> None:
-    cache = SnapshotCache()
-    bodies = iter(range(100))
-
-    def build() -> Snapshot:
-        return Snapshot.build(listeners=[listener(1)], routes=[route_config(direct("/", str(next(bodies))))])
-
-    publisher = Publisher(cache, build, delay_s=0.1)
-    for _ in range(10):
-        publisher.trigger()
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.25)
-    assert publisher.builds == 1 and cache.snapshot.version == "1"
-    publisher.trigger()
-    await asyncio.sleep(0.25)
-    assert publisher.builds == 2 and cache.snapshot.version == "2"
-    await publisher.aclose()
 
 
 # ---------------------------------------------------------------- the stream, with a fake Envoy

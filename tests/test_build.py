@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from imesh.envoy_process import EnvoyPorts, render_bootstrap, validate_bootstrap
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +43,16 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path):
     result = validate_bootstrap(config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
+
+
+def test_bootstrap_static_clusters_are_the_wire_contracts():
+    """envoy/bootstrap.yaml is YAML and spells the static cluster names itself: they must be the
+    ones the control plane's snapshots and the ext_proc filter refer to (protos/wire.py)."""
+    from protos import wire
+
+    bootstrap = yaml.safe_load(render_bootstrap(EnvoyPorts(admin=19901, xds=28000, extproc=28001)))
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    assert set(clusters) == set(wire.BOOTSTRAP_CLUSTERS) == {"imesh_xds", "imesh_extproc"}
+    assert all(c["load_assignment"]["cluster_name"] == name for name, c in clusters.items())
+    ads = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"]
+    assert [s["envoy_grpc"]["cluster_name"] for s in ads] == [wire.XDS_CLUSTER]

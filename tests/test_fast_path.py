@@ -144,12 +144,13 @@ def test_translation_disables_the_extproc_on_fast_routes_and_sets_weights():
         fast_model = route.name == "a" or route.name.startswith("a/")
         on_internal_header = any(h.name == MODEL_HEADER for h in route.match.headers)
         assert disabled == (fast_model and not on_internal_header), route.name
-    weights = {
-        f"{e.endpoint.address.socket_address.address}:{e.endpoint.address.socket_address.port_value}": e.load_balancing_weight.value
+    sockets = [
+        (e.endpoint.address.socket_address, e.load_balancing_weight.value)
         for cla in resources.endpoints.values()
         for loc in cla.endpoints
         for e in loc.lb_endpoints
-    }
+    ]
+    weights = {f"{s.address}:{s.port_value}": weight for s, weight in sockets}
     assert weights == {"10.0.0.1:1": 1, "10.0.0.2:1": 90, "10.0.0.3:1": 0}  # picker-mode b: Envoy's default
     # The filter is off by default (not even created on fast routes) and on for everything else.
     assert EXTPROC_FILTER in resources.routes["imesh_routes"].typed_per_filter_config

@@ -21,7 +21,6 @@ from extproc.picker import (
     TooLarge,
     default_filters,
     default_profile,
-    pick_endpoints,
 )
 from extproc.routing_view import LoadView, RoutingView
 from protos import mesh_pb2
@@ -156,7 +155,7 @@ def test_loaded_replica_ranked_below_idle_one():
 
 def test_saturated_replica_avoided_while_others_are_not():
     r = routing(eps(1, 2))
-    for turn in range(6):
+    for _ in range(6):
         result = pick(r, load(e1=FULL, e2=BUSY))
         assert result.primary == addr(2)
 
@@ -207,9 +206,9 @@ def test_hosts_are_ranked_and_limited_per_version():
     assert result.header_value == f"{addr(2)},{addr(3)},{addr(4)}"
 
 
-def test_default_pick_endpoints_function():
+def test_a_fresh_picker_prefers_the_idle_replica():
     r = routing(eps(1, 2))
-    result = pick_endpoints(r, load(e1=BUSY, e2=IDLE), "m", "critical", {}, now=NOW)
+    result = Picker().pick(r, load(e1=BUSY, e2=IDLE), "m", "critical", {}, now=NOW)
     assert result.primary == addr(2)
 
 

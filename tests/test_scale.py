@@ -95,7 +95,7 @@ def test_200_models_build_consistently_and_incrementally() -> None:
     # rebuild with nothing changed translates nothing); with that sharing forgotten, the memo
     # translates again what it no longer recognises, and the result is the same.
     again_model = build_mesh_model(respec, weights, builder.version + 1, memo=builder.model_memo)
-    assert all(a is b for a, b in zip(again_model.models[0].versions, builder.model.models[0].versions))
+    assert all(a is b for a, b in zip(again_model.models[0].versions, builder.model.models[0].versions, strict=True))
     misses = builder.memo.misses
     same, _ = builder.build(weights)
     assert builder.memo.misses == misses and same.same_resources(rebuilt)
@@ -150,9 +150,7 @@ async def test_200_models_reach_a_real_envoy_over_delta_xds(tmp_path: Path) -> N
             url = f"{admin}/config_dump?resource=dynamic_endpoint_configs&include_eds&name_regex=^{cluster.cluster}$"
             [config] = (await http.get(url)).json()["configs"]
             statuses = {
-                f"{lb['endpoint']['address']['socket_address']['address']}:{lb['endpoint']['address']['socket_address']['port_value']}": lb.get(
-                    "health_status"
-                )
+                _host(lb["endpoint"]["address"]["socket_address"]): lb.get("health_status")
                 for loc in config["endpoint_config"]["endpoints"]
                 for lb in loc["lb_endpoints"]
             }
@@ -160,3 +158,8 @@ async def test_200_models_reach_a_real_envoy_over_delta_xds(tmp_path: Path) -> N
     finally:
         envoy.stop()
         await server.stop(0)
+
+
+def _host(socket_address: dict) -> str:
+    """The "ip:port" of a config_dump socket_address."""
+    return f"{socket_address['address']}:{socket_address['port_value']}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-ENGINES = ("vllm", "sglang", "triton", "trtllm", "generic")
+from protos.defaults import ENGINES  # the spec accepts the same list
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,21 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
-Engine = Literal["vllm", "sglang", "triton", "trtllm", "generic"]
+from protos.defaults import (
+    DEFAULT_INFLIGHT_WEIGHT,
+    DEFAULT_KV_CACHE_WEIGHT,
+    DEFAULT_LATENCY_WEIGHT,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE_WEIGHT,
+    DEFAULT_SATURATION_KV,
+    DEFAULT_SATURATION_QUEUE,
+    DEFAULT_STALE_AFTER_S,
+    Engine,
+)
+from protos.wire import INTERNAL_HEADER_PREFIX
+
 # How Envoy chooses a replica (docs/benchmarks.md): "picker" asks the ext_proc per request;
 # "fast" skips it for requests whose model a header or the KServe path names, and balances on
 # load-aware EDS weights the control plane derives from the replicas' metrics.
@@ -124,17 +137,20 @@ class PriorityClassSpec(_Strict):
 
 
 class ScoringSpec(_Strict):
-    queue_weight: float = Field(default=2.0, ge=0)
-    kv_cache_weight: float = Field(default=2.0, ge=0)
-    inflight_weight: float = Field(default=1.0, ge=0)
-    latency_weight: float = Field(default=2.0, ge=0, description="weight of the replica's recent mean latency")
-    saturation_queue: float = Field(default=5.0, gt=0)
-    saturation_kv: float = Field(default=0.8, gt=0, le=1)
-    stale_after_s: float = Field(default=2.0, gt=0)
+    # Defaults shared with the ext_proc, which falls back to them (protos/defaults.py).
+    queue_weight: float = Field(default=DEFAULT_QUEUE_WEIGHT, ge=0)
+    kv_cache_weight: float = Field(default=DEFAULT_KV_CACHE_WEIGHT, ge=0)
+    inflight_weight: float = Field(default=DEFAULT_INFLIGHT_WEIGHT, ge=0)
+    latency_weight: float = Field(
+        default=DEFAULT_LATENCY_WEIGHT, ge=0, description="weight of the replica's recent mean latency"
+    )
+    saturation_queue: float = Field(default=DEFAULT_SATURATION_QUEUE, gt=0)
+    saturation_kv: float = Field(default=DEFAULT_SATURATION_KV, gt=0, le=1)
+    stale_after_s: float = Field(default=DEFAULT_STALE_AFTER_S, gt=0)
 
 
 class Defaults(_Strict):
-    priority: str = "standard"
+    priority: str = DEFAULT_PRIORITY
     response_headers: bool = Field(default=True, description="add x-imesh-* headers to responses")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     request_timeout_s: float = Field(default=300.0, gt=0)
@@ -177,8 +193,10 @@ class Defaults(_Strict):
 
 
 def _check_header_name(name: str) -> str:
-    if not re.fullmatch(r"[a-z0-9-]+", name) or name.startswith("x-imesh-"):
-        raise ValueError(f"header name {name!r}: expected lower-case letters, digits and '-', not x-imesh-*")
+    if not re.fullmatch(r"[a-z0-9-]+", name) or name.startswith(INTERNAL_HEADER_PREFIX):
+        raise ValueError(
+            f"header name {name!r}: expected lower-case letters, digits and '-', not {INTERNAL_HEADER_PREFIX}*"
+        )
     return name
 
 
@@ -273,7 +291,7 @@ def dump_spec(spec: MeshSpec) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def _describe(source: str, err: dict) -> str:
+def _describe(source: str, err: ErrorDetails) -> str:
     path = ""
     for part in err["loc"]:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))

@@ -25,14 +25,26 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from controlplane.model.mesh_model import MeshModel
 from controlplane.traffic.record import RequestRecord, RequestRecords
-from controlplane.translate.telemetry import LOGGED_STATUS, PICK_METADATA_KEY, PICK_METADATA_NAMESPACE
+from controlplane.translate.telemetry import LOGGED_STATUS
+from protos.wire import (
+    MODEL_ID_HEADER,
+    PICK_METADATA_KEY,
+    PICK_METADATA_NAMESPACE,
+    PRIORITY_HEADER,
+    RATE_LIMITED_CODE,
+    SHED_CODE,
+    TELEMETRY_METADATA_NAMESPACE,
+    TELEMETRY_MODEL_KEY,
+    TELEMETRY_OUTPUT_TOKENS_KEY,
+    VERSION_HEADER,
+    reply_details,
+)
 
 log = logging.getLogger("imesh.accesslog")
 
-# Dynamic metadata the ext_proc writes for the access log (extproc/telemetry.py writes the same keys).
-METADATA_NAMESPACE = "imesh"
-SHED_DETAILS = "imesh_overloaded"
-RATE_LIMITED_DETAILS = "imesh_rate_limited"
+# What the ext_proc's immediate responses say when it shed a request or a rate limit refused it.
+SHED_DETAILS = reply_details(SHED_CODE)
+RATE_LIMITED_DETAILS = reply_details(RATE_LIMITED_CODE)
 
 # Envoy's response flags that mean the upstream side failed, not the client or the mesh's policy.
 _UPSTREAM_FAILURE_FLAGS = frozenset(
@@ -114,16 +126,16 @@ def to_record(
     common, request, response = entry.common_properties, entry.request, entry.response
     # ListFields: only the response flags that are set (usually none), not a getattr per possible flag.
     set_flags = common.response_flags.ListFields()
-    meta = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    meta = common.metadata.filter_metadata.get(TELEMETRY_METADATA_NAMESPACE)
     meta_fields = meta.fields if meta is not None else {}
     request_headers, response_headers = request.request_headers, response.response_headers
 
     model, version = labels.clusters.get(common.upstream_cluster, ("", ""))
     if not model:  # never reached a cluster: what the ext_proc identified, else what the client asked for
-        name = meta_fields["model"].string_value if "model" in meta_fields else ""
-        model = labels.model(name or request_headers.get("x-model-id", ""))
+        name = meta_fields[TELEMETRY_MODEL_KEY].string_value if TELEMETRY_MODEL_KEY in meta_fields else ""
+        model = labels.model(name or request_headers.get(MODEL_ID_HEADER, ""))
     if not version:
-        version = response_headers.get("x-imesh-version", "")
+        version = response_headers.get(VERSION_HEADER, "")
         if version and (model, version) not in labels.versions:
             version = "other"
     endpoint = _address(common.upstream_remote_address) if common.HasField("upstream_remote_address") else ""
@@ -140,14 +152,16 @@ def to_record(
         duration = _seconds(common.time_to_last_downstream_tx_byte)
     else:
         duration = 0.0
-    tokens = meta_fields["output_tokens"].number_value if "output_tokens" in meta_fields else None
+    tokens = (
+        meta_fields[TELEMETRY_OUTPUT_TOKENS_KEY].number_value if TELEMETRY_OUTPUT_TOKENS_KEY in meta_fields else None
+    )
     shed = status == 429 and details == SHED_DETAILS
     return RequestRecord(
         model=model,
         version=version,
         endpoint=endpoint,
         pool=labels.pools.get(endpoint, ""),
-        priority=labels.priority(request_headers.get("x-priority", "")),
+        priority=labels.priority(request_headers.get(PRIORITY_HEADER, "")),
         status=status,
         duration_s=duration,
         ttft_s=first,

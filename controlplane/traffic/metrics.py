@@ -86,9 +86,9 @@ class RequestMetrics:
         )
         self._labels = labels or MeshLabels()
         # label tuple -> pre-bound children, built on first use (labels() takes a lock and hashes)
-        self._request_children: dict[tuple, tuple] = {}
-        self._code_children: dict[tuple, object] = {}
-        self._token_children: dict[tuple, tuple] = {}
+        self._request_children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
+        self._code_children: dict[tuple[str, ...], Counter] = {}
+        self._token_children: dict[tuple[str, ...], tuple[Histogram, Histogram]] = {}
 
     # ------------------------------------------------------------ labels
 
@@ -152,9 +152,9 @@ class RequestMetrics:
             self.shed.labels(model, priority).inc(weight)
         elif record.rate_limited:
             self.rate_limited.labels(model, priority).inc(weight)
-        streamed_ttft = record.streamed and record.ttft_s is not None
+        ttft = record.ttft_s if record.streamed else None  # time to first token means something only streamed
         rate = record.output_tokens_per_s
-        if streamed_ttft or rate is not None:
+        if ttft is not None or rate is not None:
             token_key = (model, version, pool, priority)
             token_children = self._token_children.get(token_key)
             if token_children is None:
@@ -162,13 +162,13 @@ class RequestMetrics:
                     self.ttft.labels(*token_key),
                     self.token_rate.labels(*token_key),
                 )
-            if streamed_ttft:
-                _observe(token_children[0], record.ttft_s, weight)
+            if ttft is not None:
+                _observe(token_children[0], ttft, weight)
             if rate is not None:
                 _observe(token_children[1], rate, weight)
 
 
-def _observe(histogram, value: float, weight: int) -> None:
+def _observe(histogram: Histogram, value: float, weight: int) -> None:
     # prometheus_client has no weighted observe; N calls for a record that stands for N requests.
     for _ in range(weight):
         histogram.observe(value)

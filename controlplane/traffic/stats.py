@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 from controlplane.traffic.access_log import MeshLabels
 from controlplane.traffic.record import RequestRecord, weighted_percentile
 from protos import mesh_pb2
+
+K = TypeVar("K", bound=Hashable)
 
 
 class _Window:
@@ -113,16 +116,20 @@ class RequestStats:
         """Add the window's traffic to `status` (rows only for keys with requests in the window)."""
         now, window_s = self._clock(), self.window_s
         status.traffic_window_s = window_s
-        for table, out, key_of in (
-            (self._endpoints, status.endpoint_traffic, lambda k: {"endpoint": k}),
-            (self._versions, status.version_traffic, lambda k: {"model": k[0], "version": k[1]}),
-            (self._models, status.model_traffic, lambda k: {"model": k}),
-        ):
-            for key in list(table):
-                window = table[key]
-                window.prune(now, window_s)
-                if not window.seconds:
-                    del table[key]  # idle: forget it, so idle keys cost nothing
-                    continue
-                out.append(window.stats(window_s, **key_of(key)))
+        _fill(self._endpoints, status.endpoint_traffic, lambda k: {"endpoint": k}, now, window_s)
+        _fill(self._versions, status.version_traffic, lambda k: {"model": k[0], "version": k[1]}, now, window_s)
+        _fill(self._models, status.model_traffic, lambda k: {"model": k}, now, window_s)
         return status
+
+
+def _fill(
+    table: dict[K, _Window], out: Any, key_of: Callable[[K], dict[str, str]], now: float, window_s: float
+) -> None:
+    """Append a row to `out` (a repeated TrafficStats) per key with requests in the window."""
+    for key in list(table):
+        window = table[key]
+        window.prune(now, window_s)
+        if not window.seconds:
+            del table[key]  # idle: forget it, so idle keys cost nothing
+            continue
+        out.append(window.stats(window_s, **key_of(key)))

@@ -15,7 +15,6 @@ The shape, and why:
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -46,17 +45,29 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from controlplane.model.mesh_model import MeshModel, ModelModel, VersionModel
 from controlplane.translate import telemetry as translate_telemetry
 from controlplane.translate.memo import NO_MEMO, TranslationMemo, model_routes_key, routes_key
+from protos.wire import (
+    ENDPOINT_HEADER,
+    EXTPROC_CLUSTER,
+    INTERNAL_HEADER_PREFIX,
+    MODEL_HEADER,
+    MODEL_ID_HEADER,
+    MODEL_NOT_FOUND,
+    MODELS_LIST_PATH,
+    PICK_METADATA_KEY,
+    PICK_METADATA_NAMESPACE,
+    POOL_HEADER,
+    TELEMETRY_METADATA_NAMESPACE,
+    VERSION_HEADER,
+    error_body,
+    error_envelope,
+    error_type,
+    models_list_body,
+)
 
 LISTENER_NAME = "imesh_http"
 ROUTE_CONFIG_NAME = "imesh_routes"
-EXTPROC_CLUSTER = "imesh_extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
-LB_METADATA_NAMESPACE = translate_telemetry.PICK_METADATA_NAMESPACE  # the access log filter tests it too
-LB_METADATA_KEY = translate_telemetry.PICK_METADATA_KEY
-MODEL_HEADER = "x-imesh-model"
-VERSION_HEADER = "x-imesh-version"
-HOST_METADATA_NAMESPACE = "imesh"
-INTERNAL_HEADER_PREFIX = "x-imesh-"
+HOST_METADATA_NAMESPACE = "imesh"  # per-host EDS metadata {pool, tier}, read back by %UPSTREAM_METADATA%
 
 
 @dataclass(frozen=True)
@@ -138,11 +149,6 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def error_body(status_type: str, message: str, code: str) -> str:
-    """The OpenAI error envelope every error the mesh itself returns uses."""
-    return json.dumps({"error": {"type": status_type, "message": message, "code": code}})
-
-
 # ---------------------------------------------------------------- CDS / EDS
 
 
@@ -162,7 +168,7 @@ def _cluster_template(upstream_protocol: str) -> cluster_pb2.Cluster:
         override_host_sources=[
             override_host_pb2.OverrideHost.OverrideHostSource(
                 metadata=metadata_pb2.MetadataKey(
-                    key=LB_METADATA_NAMESPACE, path=[metadata_pb2.MetadataKey.PathSegment(key=LB_METADATA_KEY)]
+                    key=PICK_METADATA_NAMESPACE, path=[metadata_pb2.MetadataKey.PathSegment(key=PICK_METADATA_KEY)]
                 )
             )
         ],
@@ -277,7 +283,7 @@ def translate_listener(model: MeshModel, options: EnvoyOptions) -> listener_pb2.
         metadata_options=ext_proc_pb2.MetadataOptions(
             receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
                 # envoy.lb: the pick; imesh: the ext_proc's notes for the access log (model, output tokens)
-                untyped=[LB_METADATA_NAMESPACE, translate_telemetry.TELEMETRY_METADATA_NAMESPACE]
+                untyped=[PICK_METADATA_NAMESPACE, TELEMETRY_METADATA_NAMESPACE]
             )
         ),
     )
@@ -326,9 +332,7 @@ def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
     from envoy.config.accesslog.v3 import accesslog_pb2
 
     envelope = struct_pb2.Struct()
-    envelope.update(
-        {"error": {"type": "service_unavailable", "message": "%LOCAL_REPLY_BODY%", "code": "%RESPONSE_FLAGS%"}}
-    )
+    envelope.update(error_envelope(error_type(503), "%LOCAL_REPLY_BODY%", "%RESPONSE_FLAGS%"))
     upstream_failure = accesslog_pb2.AccessLogFilter(
         response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UH", "UF", "UO", "URX", "NC", "UC"])
     )
@@ -383,17 +387,10 @@ def _direct_body_limit(routes: list[route_components_pb2.Route]) -> int:
 
 def _models_list_route(model: MeshModel) -> route_components_pb2.Route:
     """GET /v1/models is answered by Envoy itself, so it works even with the picker down."""
-    body = json.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": m.name, "object": "model", "created": 0, "owned_by": "inference-mesh"} for m in model.models
-            ],
-        }
-    )
+    body = models_list_body(m.name for m in model.models)
     return route_components_pb2.Route(
         name="models-list",
-        match=route_components_pb2.RouteMatch(path="/v1/models"),
+        match=route_components_pb2.RouteMatch(path=MODELS_LIST_PATH),
         direct_response=route_components_pb2.DirectResponseAction(
             status=200, body=base_pb2.DataSource(inline_string=body)
         ),
@@ -409,7 +406,7 @@ def _unknown_model_route() -> route_components_pb2.Route:
             status=404,
             body=base_pb2.DataSource(
                 inline_string=error_body(
-                    "not_found_error", "no served model matches this request (set x-model-id)", "model_not_found"
+                    error_type(404), f"no served model matches this request (set {MODEL_ID_HEADER})", MODEL_NOT_FOUND
                 )
             ),
         ),
@@ -468,7 +465,7 @@ def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.
     routes.append(
         _route(
             f"{m.name}/header",
-            route_components_pb2.RouteMatch(prefix="/", headers=[exact("x-model-id", m.name)]),
+            route_components_pb2.RouteMatch(prefix="/", headers=[exact(MODEL_ID_HEADER, m.name)]),
             split,
             m,
             model,
@@ -513,7 +510,7 @@ def _forced_version_routes(m: ModelModel, model: MeshModel) -> list[route_compon
     exact = lambda name, value: route_components_pb2.HeaderMatcher(  # noqa: E731
         name=name, string_match=string_pb2.StringMatcher(exact=value)
     )
-    by_id = exact("x-model-id", m.name)
+    by_id = exact(MODEL_ID_HEADER, m.name)
     header = model.defaults.version_header
     routes = [
         _route(
@@ -536,7 +533,7 @@ def _forced_version_routes(m: ModelModel, model: MeshModel) -> list[route_compon
                 status=404,
                 body=base_pb2.DataSource(
                     inline_string=error_body(
-                        "not_found_error", f"model {m.name!r} has no version named in {header}", "model_not_found"
+                        error_type(404), f"model {m.name!r} has no version named in {header}", MODEL_NOT_FOUND
                     )
                 ),
             ),
@@ -550,12 +547,12 @@ def _route(name, match, action, m: ModelModel, model: MeshModel, pinned: Version
     headers = []
     if model.defaults.response_headers:
         headers = [
-            _header("x-imesh-model", m.name),
-            _header("x-imesh-endpoint", "%UPSTREAM_HOST%"),
-            _header("x-imesh-pool", f"%UPSTREAM_METADATA({HOST_METADATA_NAMESPACE}:pool)%"),
+            _header(MODEL_HEADER, m.name),
+            _header(ENDPOINT_HEADER, "%UPSTREAM_HOST%"),
+            _header(POOL_HEADER, f"%UPSTREAM_METADATA({HOST_METADATA_NAMESPACE}:pool)%"),
         ]
         if pinned is not None:  # a weighted split carries the version header per cluster instead
-            headers.append(_header("x-imesh-version", pinned.name))
+            headers.append(_header(VERSION_HEADER, pinned.name))
     headers += [_header(k, v) for k, v in model.defaults.extra_response_headers.items()]
     return route_components_pb2.Route(name=name, match=match, route=action, response_headers_to_add=headers)
 
@@ -598,7 +595,7 @@ def _weighted_action(m: ModelModel, model: MeshModel) -> route_components_pb2.Ro
     for v in m.versions:
         entry = action.weighted_clusters.clusters.add(name=v.cluster, weight=wrappers_pb2.UInt32Value(value=v.weight))
         if model.defaults.response_headers:
-            entry.response_headers_to_add.append(_header("x-imesh-version", v.name))
+            entry.response_headers_to_add.append(_header(VERSION_HEADER, v.name))
     return action
 
 

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, TypeVar
 
+from controlplane.model.mesh_model import MeshModel
+
 T = TypeVar("T")
 _Entry = tuple[Any, list]  # (value, [(key, entry) of the entries built while computing it])
 
@@ -58,7 +60,7 @@ class TranslationMemo:
         return len(self._entries)
 
     @contextmanager
-    def session(self, model: object, options: object) -> Iterator[None]:
+    def session(self, model: MeshModel, options: object) -> Iterator[None]:
         """One build. Entries it did not use (directly or through a reused parent) are dropped."""
         if not self.enabled or self._active:  # disabled, or a nested translate() inside a build
             yield
@@ -95,8 +97,8 @@ class TranslationMemo:
             self._keep(entry[1])
         else:
             slot = (kind, key)
-            entry = self._entries.get(slot)
-            if entry is None:
+            found = self._entries.get(slot)
+            if found is None:
                 self.misses += 1
                 self._stack.append([])
                 try:
@@ -105,6 +107,7 @@ class TranslationMemo:
                     children = self._stack.pop()
                 entry = (value, children)
             else:
+                entry = found
                 self.hits += 1
                 self._keep(entry[1])  # a reused parent keeps the entries it was built from
             self._next[slot] = entry

@@ -35,21 +35,31 @@ from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
-ALS_CLUSTER = "imesh_xds"  # the control plane's gRPC port (envoy/bootstrap.yaml), next to ADS
+from protos.wire import (
+    MODEL_HEADER,
+    MODEL_ID_HEADER,
+    PICK_METADATA_KEY,
+    PICK_METADATA_NAMESPACE,
+    PRIORITY_HEADER,
+    TELEMETRY_METADATA_NAMESPACE,
+    TELEMETRY_MODEL_KEY,
+    TELEMETRY_OUTPUT_TOKENS_KEY,
+    VERSION_HEADER,
+    XDS_CLUSTER,
+)
+
+ALS_CLUSTER = XDS_CLUSTER  # the control plane's gRPC port (envoy/bootstrap.yaml), next to ADS
 ALS_LOG_NAME = "imesh"
 OTEL_CLUSTER = "imesh_otel"
-TELEMETRY_METADATA_NAMESPACE = "imesh"  # the ext_proc's notes for the access log (model, output_tokens)
-# Where the picker writes its pick (dynamic metadata; override_host reads it): a request carrying it is always logged.
-PICK_METADATA_NAMESPACE = "envoy.lb"
-PICK_METADATA_KEY = "x-imesh-endpoint"
 LOGGED_STATUS = 400  # a response at or above this status is always logged
 FAST_PATH_SAMPLE_RUNTIME_KEY = "imesh.access_log.fast_path_sample"
 
-# Request/response headers the ALS entry carries beyond its fixed fields (controlplane/traffic/access_log.py reads them).
+# Request/response headers the ALS entry carries beyond its fixed fields (controlplane/traffic/access_log.py
+# reads them).
 # Not x-imesh-model: the route removes it from the request before the log is written; the upstream
 # cluster ("model/version") names the model of a routed request instead.
-ALS_REQUEST_HEADERS = ("x-model-id", "x-priority")
-ALS_RESPONSE_HEADERS = ("x-imesh-version", "content-type")
+ALS_REQUEST_HEADERS = (MODEL_ID_HEADER, PRIORITY_HEADER)
+ALS_RESPONSE_HEADERS = (VERSION_HEADER, "content-type")
 
 # The JSON access log line. Values that are a single command operator keep their type (numbers stay numbers).
 JSON_LOG_FORMAT: dict[str, str] = {
@@ -58,12 +68,13 @@ JSON_LOG_FORMAT: dict[str, str] = {
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
     "protocol": "%PROTOCOL%",
-    "model": "%RESP(X-IMESH-MODEL)%",  # set by the route when response headers are on
-    "refused_model": f"%DYNAMIC_METADATA({TELEMETRY_METADATA_NAMESPACE}:model)%",  # the ext_proc's, on a refusal
+    "model": f"%RESP({MODEL_HEADER.upper()})%",  # set by the route when response headers are on
+    # the ext_proc's, on a refusal
+    "refused_model": f"%DYNAMIC_METADATA({TELEMETRY_METADATA_NAMESPACE}:{TELEMETRY_MODEL_KEY})%",
     "cluster": "%UPSTREAM_CLUSTER%",  # "model/version": the version Envoy's weighted split chose
-    "version": "%RESP(X-IMESH-VERSION)%",
+    "version": f"%RESP({VERSION_HEADER.upper()})%",
     "endpoint": "%UPSTREAM_HOST%",
-    "priority": "%REQ(X-PRIORITY)%",
+    "priority": f"%REQ({PRIORITY_HEADER.upper()})%",
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
@@ -73,7 +84,7 @@ JSON_LOG_FORMAT: dict[str, str] = {
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     "bytes_in": "%BYTES_RECEIVED%",
     "bytes_out": "%BYTES_SENT%",
-    "output_tokens": f"%DYNAMIC_METADATA({TELEMETRY_METADATA_NAMESPACE}:output_tokens)%",
+    "output_tokens": f"%DYNAMIC_METADATA({TELEMETRY_METADATA_NAMESPACE}:{TELEMETRY_OUTPUT_TOKENS_KEY})%",
     "trace_id": "%TRACE_ID%",
 }
 

@@ -13,21 +13,18 @@ Envoy's reported version bumps the counter), so "version N is newer" always hold
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from google.protobuf import any_pb2
 
 from controlplane.xds.snapshot import InconsistentSnapshotError, Snapshot, check_consistency
+from protos.wire import BOOTSTRAP_CLUSTERS  # defined statically by envoy/bootstrap.yaml: valid targets
 
 log = logging.getLogger("imesh.xds")
-
-# Clusters Envoy's bootstrap (envoy/bootstrap.yaml) defines statically: valid targets for references.
-BOOTSTRAP_CLUSTERS = ("imesh_xds", "imesh_extproc")
 
 AckHook = Callable[[str, str, float], None]  # (node_id, version, seconds from change to full ACK)
 NackHook = Callable[[str, str, str, str], None]  # (node_id, type_url, rejected version, Envoy's message)
@@ -110,7 +107,8 @@ class Watch:
     """A stream's registration with the cache; `close()` on disconnect."""
 
     def __init__(self, cache: SnapshotCache, node_id: str, callback: Callable[[], None]):
-        self._cache, self.node_id, self._callback = cache, node_id, callback
+        self._cache: SnapshotCache | None = cache
+        self.node_id, self._callback = node_id, callback
 
     def close(self) -> None:
         if self._cache is not None:
@@ -345,7 +343,8 @@ class SnapshotCache:
             version = served.version if served else None
             if version != node.status.target_version:
                 node.status.target_version = version
-                node.target_since = self._published_at.get(version, now) if node.status.connected else now
+                published = now if version is None else self._published_at.get(version, now)
+                node.target_since = published if node.status.connected else now
             for callback in list(node.watchers):
                 callback()
         self._wakeup.set()
@@ -381,67 +380,3 @@ def _call_hook(hook: Callable[..., object], *args: object) -> None:
         hook(*args)
     except Exception:  # a broken metrics hook must not break config distribution
         log.exception("xDS hook %r failed", hook)
-
-
-class Publisher:
-    """Coalesces bursts of changes into one snapshot build and publish, about `delay_s` after the first.
-
-    Why: an `imesh apply` or a scaling event touches many models at once; building and pushing a
-    snapshot per touch would make Envoy re-warm clusters repeatedly for no benefit. Call `trigger()`
-    on every change; `build()` (sync or async) returns the snapshot of the current model.
-    """
-
-    def __init__(
-        self,
-        cache: SnapshotCache,
-        build: Callable[[], Snapshot | Awaitable[Snapshot]],
-        *,
-        delay_s: float = 0.1,
-        node_id: str | None = None,
-        on_error: Callable[[Exception], None] | None = None,
-    ):
-        self.cache, self.build, self.delay_s, self.node_id, self.on_error = cache, build, delay_s, node_id, on_error
-        self.builds = 0
-        self.last: Snapshot | None = None
-        self.last_error: Exception | None = None
-        self._dirty = False
-        self._task: asyncio.Task | None = None
-
-    def trigger(self) -> None:
-        """Note a change; a publish follows within `delay_s`, covering every change until then."""
-        self._dirty = True
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def flush(self) -> Snapshot | None:
-        """Publish now, without waiting for the window (shutdown, tests)."""
-        await self.aclose()
-        self._dirty = False
-        await self._publish_once()
-        return self.last
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        while self._dirty:
-            await asyncio.sleep(self.delay_s)
-            self._dirty = False  # changes from here on get the next window
-            await self._publish_once()
-
-    async def _publish_once(self) -> None:
-        self.builds += 1
-        try:
-            snapshot = self.build()
-            if inspect.isawaitable(snapshot):
-                snapshot = await snapshot
-            self.last = await self.cache.publish(snapshot, self.node_id)
-            self.last_error = None
-        except Exception as error:  # keep serving the last good snapshot; say why the new one failed
-            self.last_error = error
-            log.error("snapshot not published: %s", error)
-            if self.on_error is not None:
-                _call_hook(self.on_error, error)

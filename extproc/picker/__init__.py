@@ -1,6 +1,6 @@
 """Endpoint picker: Gateway API Inference Extension-style filters and scorers, composed by a profile.
 
-Per request the servicer calls ``Picker.pick`` (or ``pick_endpoints``) and gets a ``Pick`` (hosts
+Per request the servicer calls ``Picker.pick`` and gets a ``Pick`` (hosts
 for ``envoy.lb``), or a refusal whose ``error()`` is the ``RequestError`` to answer with:
 ``Shed`` 429, ``NoCapacity`` 503, ``TooLarge`` 413, ``NotFound`` 404.
 """
@@ -30,7 +30,6 @@ from extproc.picker.profile import (
     Shed,
     TooLarge,
     default_profile,
-    pick_endpoints,
 )
 from extproc.picker.scorers import InflightScorer, KVCacheScorer, LatencyScorer, QueueScorer, RunningScorer
 
@@ -62,5 +61,4 @@ __all__ = [
     "TooLarge",
     "default_filters",
     "default_profile",
-    "pick_endpoints",
 ]

@@ -41,6 +41,9 @@ class Candidate:
         "kv_cache",
         "fresh_until",
     )
+    waiting: float | None
+    running: float | None
+    kv_cache: float | None
 
     def __init__(self, endpoint: EndpointView, reading: Reading | None, scoring: ScoringView, now: float):
         self.endpoint = endpoint
@@ -60,7 +63,7 @@ class Candidate:
             else:
                 health = UNKNOWN
         self.health = health
-        if health == TRUSTED:
+        if health == TRUSTED and reading is not None:  # TRUSTED implies a reading; mypy cannot tell
             # Clamped: a negative or NaN gauge must not yield a zero denominator or a NaN score
             # (max(0.0, nan) is 0.0).
             self.waiting = waiting = max(0.0, reading.waiting)

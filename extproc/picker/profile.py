@@ -28,6 +28,7 @@ from extproc.errors import NO_CAPACITY_RETRY_AFTER_S, SHED_RETRY_AFTER_S, Reques
 from extproc.picker.filters import Candidate, FilterContext, default_filters
 from extproc.picker.scorers import InflightScorer, KVCacheScorer, LatencyScorer, QueueScorer, RunningScorer
 from extproc.routing_view import LoadView, ModelView, PriorityView, RoutingView, ScoringView, VersionView
+from protos.wire import MODEL_NOT_FOUND, SHED_CODE
 
 INF = math.inf
 DEFAULT_HOSTS_PER_VERSION = 3
@@ -50,7 +51,15 @@ class Pick:
 
     __slots__ = ("model", "hosts", "primary_by_version", "primaries", "version", "cluster")
 
-    def __init__(self, model, hosts, primary_by_version, primaries, version, cluster):
+    def __init__(
+        self,
+        model: str,
+        hosts: tuple[str, ...],
+        primary_by_version: dict[str, str],
+        primaries: tuple[tuple[str, float], ...],
+        version: str | None,
+        cluster: str | None,
+    ):
         self.model: str = model
         self.hosts: tuple[str, ...] = hosts
         self.primary_by_version: dict[str, str] = primary_by_version
@@ -101,7 +110,7 @@ class Shed(Refusal):
 
     __slots__ = ()
     status = 429
-    code = "overloaded"
+    code = SHED_CODE
 
     def __init__(self, reason: str, retry_after_s: float = SHED_RETRY_AFTER_S):
         super().__init__(reason, retry_after_s)
@@ -131,10 +140,10 @@ class NotFound(Refusal):
 
     __slots__ = ()
     status = 404
-    code = "model_not_found"
+    code = MODEL_NOT_FOUND
 
 
-PickResult = Pick | Shed | NoCapacity | TooLarge | NotFound
+PickResult = Pick | Refusal  # a refusal is a Shed, NoCapacity, TooLarge or NotFound
 
 # ----------------------------------------------------------------------------- plans
 
@@ -296,7 +305,7 @@ class SchedulerProfile:
             widest = max(widest, len(pairs))
             entries.append((c.address, pairs))
         padding = [(0.0, 1.0), (0.0, 1.0)]
-        out = []
+        out: list[tuple] = []  # (address, idle, a1, d1, a2, d2[, more pairs])
         for address, pairs in entries:
             idle = sum(a / d for a, d in pairs)  # the score with nothing in flight
             (a1, d1), (a2, d2) = (pairs + padding)[:2]
@@ -452,15 +461,17 @@ class Picker:
         key = (model.name, priority.name, version)
         plan = self._plans.get(key)
         if plan is None or now >= plan.expires_at:
+            profile = self._profile
+            assert profile is not None  # built above, with the first routing view
             if version is None:
-                plan = self._profile.plan(routing, load, model, priority, None, now)
+                plan = profile.plan(routing, load, model, priority, None, now)
             else:
                 v = model.by_version.get(version)
                 if v is None:
                     plan = Plan(model.name, INF)
                     plan.refusal = NotFound(f"the model {model.name!r} has no version {version!r}")
                 else:
-                    plan = self._profile.plan(routing, load, model, priority, v, now)
+                    plan = profile.plan(routing, load, model, priority, v, now)
             self._plans[key] = plan
         return plan
 
@@ -483,22 +494,34 @@ class Picker:
         process sent there since the last load reading (read, never written); ``version``: a
         version pinned by the request; ``tokens``: the requested-token estimate (0 = unknown).
         """
-        if type(model) is str:
+        if isinstance(model, str):
             mv = routing.models.get(model)
             if mv is None:
                 return NotFound(f"the model {model!r} does not exist in this mesh")
             model = mv
-        if type(priority) is not PriorityView:
+        if not isinstance(priority, PriorityView):
             priority = routing.priority(priority)
         plan = self.plan(routing, load, model, priority, version, now)
         if plan.refusal is not None:
             return plan.refusal
         if tokens > plan.min_window:
             return self._fit_window(routing, load, model, priority, inflight, plan, tokens, now)
+        profile = self._profile
+        assert profile is not None  # plan() built it
         self._turn = turn = self._turn + 1
-        return self._profile.rank(plan, inflight, turn)
+        return profile.rank(plan, inflight, turn)
 
-    def _fit_window(self, routing, load, model, priority, inflight, plan, tokens, now) -> PickResult:
+    def _fit_window(
+        self,
+        routing: RoutingView,
+        load: LoadView | None,
+        model: ModelView,
+        priority: PriorityView,
+        inflight: Mapping[str, float],
+        plan: Plan,
+        tokens: int,
+        now: float | None,
+    ) -> PickResult:
         """Some version is too small for the request: pin the heaviest one it fits, if any."""
         if plan.pinned:
             where, window = f"model {model.name!r} version {plan.version!r}", plan.min_window
@@ -516,26 +539,10 @@ class Picker:
                 continue
             other = self.plan(routing, load, model, priority, v.name, now)
             if other.refusal is None:
+                profile = self._profile
+                assert profile is not None  # plan() built it
                 self._turn = turn = self._turn + 1
-                return self._profile.rank(other, inflight, turn)
+                return profile.rank(other, inflight, turn)
             if refusal is too_large:
                 refusal = other.refusal
         return refusal
-
-
-_DEFAULT_PICKER = Picker()
-
-
-def pick_endpoints(
-    routing: RoutingView,
-    load: LoadView | None,
-    model: ModelView | str,
-    priority: PriorityView | str | None,
-    inflight: Mapping[str, float],
-    *,
-    version: str | None = None,
-    tokens: int = 0,
-    now: float | None = None,
-) -> PickResult:
-    """``Picker.pick`` on a process-wide default picker."""
-    return _DEFAULT_PICKER.pick(routing, load, model, priority, inflight, version=version, tokens=tokens, now=now)
