@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
 
@@ -85,7 +88,7 @@ def build_spec(replicas: list[Replica], weights: dict[str, dict[str, int]] | Non
 
 
 def make_mesh(tmp_path: Path, replicas: list[Replica], time_scale: float = 0.05, **spec_options) -> TestMesh:
-    for replica, port in zip(replicas, free_ports(len(replicas))):
+    for replica, port in zip(replicas, free_ports(len(replicas)), strict=True):
         replica.address = f"127.0.0.1:{port}"
     fleet = {
         "seed": 7,
@@ -122,3 +125,52 @@ def send_many(
 
 def served_by(responses: list[httpx.Response]) -> collections.Counter:
     return collections.Counter(r.headers.get("x-imesh-endpoint") for r in responses)
+
+
+def wait_until(check: Callable[[], object], timeout_s: float = 30.0, what: str = "the condition") -> None:
+    """Poll ``check()`` until it is true. The timeout only keeps a broken mesh from hanging the
+    run: it is generous, and how soon the condition held is not what a test asserts."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
+def _gauges(url: str, family: str) -> dict[str, float]:
+    """The samples of one metric family, by their ``endpoint`` label ("" when unlabelled)."""
+    text = httpx.get(url, timeout=5).text
+    return {
+        sample.labels.get("endpoint", ""): sample.value
+        for metric in text_string_to_metric_families(text)
+        if metric.name == family
+        for sample in metric.samples
+    }
+
+
+def wait_for_queues(test_mesh: TestMesh, queues: dict[str, float], timeout_s: float = 30.0) -> None:
+    """Block until the control plane reads each named replica's queue as given (the replicas' own
+    queue plus an ``extra_waiting`` fault) and the ext_proc holds a load report sent after that.
+
+    Replaces "sleep for a few scrapes": on a loaded machine a few scrapes can take longer.
+    """
+    ports = test_mesh.mesh.ports
+    control_plane = f"http://{ports.host}:{ports.control_plane_metrics}/metrics"
+    extproc = f"http://{ports.host}:{ports.extproc_metrics}/metrics"
+    want = {test_mesh.replica(name).address: value for name, value in queues.items()}
+
+    def control_plane_sees_them() -> bool:
+        seen = _gauges(control_plane, "imesh_endpoint_queue_requests")
+        return all(seen.get(address) == value for address, value in want.items())
+
+    wait_until(control_plane_sees_them, timeout_s, f"the control plane reading queues {queues}")
+    # A report received this long after the reading was built after it: reports are published on
+    # every change and at least once per scrape interval.
+    seen_at = time.monotonic() + 2 * test_mesh.mesh.scrape_interval_s
+
+    def extproc_has_a_later_report() -> bool:
+        asked_at = time.monotonic()
+        age = _gauges(extproc, "imesh_extproc_load_report_age_seconds")[""]
+        return asked_at - age > seen_at
+
+    wait_until(extproc_has_a_later_report, timeout_s, "a load report reaching the ext_proc")
