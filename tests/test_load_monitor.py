@@ -1,8 +1,10 @@
 """Load signals: engine metric parsing on realistic expositions, and the live scraper end to end.
 
 The end-to-end tests run small aiohttp replicas on 127.0.0.1 ephemeral ports whose metrics the test
-changes, stops or makes hang, because what routing depends on is timing: a change shows up within a
-few intervals, a dead replica turns unreachable with a growing age, and a hanging one stalls nobody.
+changes, stops or makes hang, because what routing depends on is how readings follow the replicas:
+a change shows up in the next scrape or so, a dead replica turns unreachable with a growing age,
+and a hanging one stalls nobody. They count scrapes and order events rather than time them (a loaded
+machine stretches every interval); the waits are deadlines against hanging only.
 """
 
 from __future__ import annotations
@@ -275,6 +277,9 @@ def test_targets_from_table() -> None:
 
 INTERVAL = 0.05
 TIMEOUT = 0.3
+WAIT_S = 10.0  # deadline for a condition to hold; generous, it only keeps a broken monitor from hanging
+# The scrape timeout where a replica hangs: the healthy one's readings must flow long before it.
+HANG_TIMEOUT = 2.0
 
 
 class FakeReplica:
@@ -344,6 +349,14 @@ def _by_address(report: mesh_pb2.LoadReport) -> dict[str, mesh_pb2.EndpointLoad]
     return {e.address: e for e in report.endpoints}
 
 
+Readings = list[tuple[str, EngineLoad | None, float]]
+
+
+def _waiting_read(readings: Readings, address: str, since: int) -> list[float | None]:
+    """The queue each scrape of ``address`` read, from the ``since``-th reading on (None: failed)."""
+    return [load.waiting if load else None for addr, load, _ in readings[since:] if addr == address]
+
+
 async def _until(
     monitor: LoadMonitor, predicate: Callable[[dict[str, mesh_pb2.EndpointLoad]], bool], within: float
 ) -> mesh_pb2.LoadReport:
@@ -359,7 +372,8 @@ async def _until(
 
 async def test_report_follows_changes_and_a_stopped_replica(replicas) -> None:
     a, b = await replicas(), await replicas()
-    readings: list[tuple[str, EngineLoad | None, float]] = []
+    readings: Readings = []
+    started = time.monotonic()
     monitor = LoadMonitor(
         [ScrapeTarget(a.address, "vllm"), ScrapeTarget(b.address, "vllm")],
         interval_s=INTERVAL,
@@ -367,23 +381,29 @@ async def test_report_follows_changes_and_a_stopped_replica(replicas) -> None:
         on_reading=lambda addr, load, age: readings.append((addr, load, age)),
     )
     async with monitor:
-        first = await _until(monitor, lambda e: len(e) == 2 and all(x.reachable for x in e.values()), 2)
+        first = await _until(monitor, lambda e: len(e) == 2 and all(x.reachable for x in e.values()), WAIT_S)
         ep = _by_address(first)[a.address]
         assert (ep.waiting, ep.running, ep.kv_cache, ep.gpu_util) == (0, 1, pytest.approx(0.1), -1)
-        assert 0 <= ep.age_s < 1
+        # In seconds, on the monitor's clock: no older than the monitor itself.
+        assert 0 <= ep.age_s <= time.monotonic() - started
 
         a.waiting, a.kv = 7, 0.9
-        changed_at = time.monotonic()
-        await _until(monitor, lambda e: e[a.address].waiting == 7 and e[a.address].kv_cache == pytest.approx(0.9), 2)
-        assert time.monotonic() - changed_at < 6 * INTERVAL + 0.2
+        changed_at = len(readings)
+        await _until(
+            monitor, lambda e: e[a.address].waiting == 7 and e[a.address].kv_cache == pytest.approx(0.9), WAIT_S
+        )
+        # The scrape in flight at the change may still read the old queue; the next one reads the new.
+        assert 7 in _waiting_read(readings, a.address, changed_at)[:2], readings[changed_at:]
 
         await b.stop()
-        down = await _until(monitor, lambda e: not e[b.address].reachable, 2)
+        down = await _until(monitor, lambda e: not e[b.address].reachable, WAIT_S)
         age1 = _by_address(down)[b.address].age_s
-        later = await _until(monitor, lambda e: e[b.address].age_s > age1 + 3 * INTERVAL, 2)
+        # Long enough that a's every scrape since b stopped has ended, well or in a timeout.
+        later = await _until(monitor, lambda e: e[b.address].age_s > age1 + 2 * TIMEOUT + 3 * INTERVAL, WAIT_S)
         assert not _by_address(later)[b.address].reachable
         assert _by_address(later)[a.address].reachable
-        assert _by_address(later)[a.address].age_s < 1
+        # a's reading was taken after b's last one: a is still scraped, b's reading only ages.
+        assert _by_address(later)[a.address].age_s < _by_address(later)[b.address].age_s
         assert monitor.last_error(b.address)
 
         # Sequence numbers only ever grow.
@@ -396,38 +416,52 @@ async def test_report_follows_changes_and_a_stopped_replica(replicas) -> None:
 async def test_http_error_is_unreachable_and_recovery_is_seen(replicas) -> None:
     a = await replicas()
     async with LoadMonitor([ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT) as monitor:
-        await _until(monitor, lambda e: a.address in e and e[a.address].reachable, 2)
+        await _until(monitor, lambda e: a.address in e and e[a.address].reachable, WAIT_S)
         a.status = 503
-        await _until(monitor, lambda e: not e[a.address].reachable, 2)
+        await _until(monitor, lambda e: not e[a.address].reachable, WAIT_S)
         a.status, a.waiting = 200, 3
-        await _until(monitor, lambda e: e[a.address].reachable and e[a.address].waiting == 3, 2)
+        await _until(monitor, lambda e: e[a.address].reachable and e[a.address].waiting == 3, WAIT_S)
 
 
 async def test_hanging_replica_does_not_stall_the_others(replicas) -> None:
     fast, slow = await replicas(), await replicas()
     slow.hang = True
+    readings: Readings = []
     async with LoadMonitor(
         [ScrapeTarget(fast.address, "vllm"), ScrapeTarget(slow.address, "vllm")],
         interval_s=INTERVAL,
-        timeout_s=TIMEOUT,
+        timeout_s=HANG_TIMEOUT,
+        on_reading=lambda addr, load, age: readings.append((addr, load, age)),
     ) as monitor:
-        start = time.monotonic()
-        # The fast replica is reported long before the slow one's first scrape can time out.
-        await _until(monitor, lambda e: fast.address in e and e[fast.address].reachable, TIMEOUT)
-        assert time.monotonic() - start < TIMEOUT
+        # The fast replica is reported while the slow one's first scrape still hangs (a replica is
+        # reported from its first scrape's end on).
+        first = await _until(monitor, lambda e: fast.address in e and e[fast.address].reachable, WAIT_S)
+        assert slow.address not in _by_address(first)
 
-        # While the slow one hangs, the fast one's changes keep flowing every few intervals.
+        # While the slow one hangs, the fast one's changes keep flowing, each in the next scrape or so.
         for value in (1, 2, 3):
             fast.waiting = value
-            t0 = time.monotonic()
-            await _until(monitor, lambda e: e[fast.address].waiting == value, 1)
-            assert time.monotonic() - t0 < 6 * INTERVAL + 0.1
+            changed_at = len(readings)
+            report = await _until(monitor, lambda e, value=value: e[fast.address].waiting == value, WAIT_S)
+            assert slow.address not in _by_address(report)
+            assert value in _waiting_read(readings, fast.address, changed_at)[:2], readings[changed_at:]
 
-        report = await _until(monitor, lambda e: slow.address in e, 2 * TIMEOUT + 0.5)
+        report = await _until(monitor, lambda e: slow.address in e, HANG_TIMEOUT + WAIT_S)
         slow_ep = _by_address(report)[slow.address]
         assert not slow_ep.reachable and math.isinf(slow_ep.age_s)
         assert "timed out" in monitor.last_error(slow.address)
-        assert _by_address(report)[fast.address].age_s < 4 * INTERVAL + 0.1
+        # The fast replica's reading is newer than the start of the scrape that timed out.
+        fast_ep = _by_address(report)[fast.address]
+        assert fast_ep.reachable and fast_ep.age_s < HANG_TIMEOUT
+
+
+async def test_heartbeats_are_published_while_no_reading_lands(replicas) -> None:
+    silent = await replicas()
+    silent.hang = True
+    async with LoadMonitor([ScrapeTarget(silent.address, "vllm")], interval_s=INTERVAL, timeout_s=HANG_TIMEOUT) as m:
+        # Reports come although no scrape has ended: heartbeats, so that ages keep advancing.
+        report = await m.wait_for_report(3, timeout=WAIT_S)
+        assert not report.endpoints and silent.hits <= 1
 
 
 async def test_set_targets_adds_and_removes(replicas) -> None:
@@ -438,14 +472,14 @@ async def test_set_targets_adds_and_removes(replicas) -> None:
     )
     await monitor.start()
     try:
-        await _until(monitor, lambda e: set(e) == {a.address}, 2)
+        await _until(monitor, lambda e: set(e) == {a.address}, WAIT_S)
         b.waiting = 5
         monitor.set_targets([ScrapeTarget(a.address, "vllm"), ScrapeTarget(b.address, "vllm")])
-        await _until(monitor, lambda e: set(e) == {a.address, b.address} and e[b.address].waiting == 5, 2)
+        await _until(monitor, lambda e: set(e) == {a.address, b.address} and e[b.address].waiting == 5, WAIT_S)
 
         monitor.set_targets([ScrapeTarget(b.address, "vllm")])
         assert removed == [a.address]
-        await _until(monitor, lambda e: set(e) == {b.address}, 2)
+        await _until(monitor, lambda e: set(e) == {b.address}, WAIT_S)
         hits = a.hits
         await asyncio.sleep(4 * INTERVAL)
         assert a.hits <= hits + 1  # at most the request already in flight
@@ -467,11 +501,9 @@ async def test_subscribers_stream_and_end_on_stop_without_leaking_tasks(replicas
             seen.append(report.sequence)
 
     subscriber = asyncio.create_task(subscribe())
-    await monitor.wait_for_report(3, timeout=2)
-    # Heartbeats keep coming even with no change, at about one per interval or more.
-    t0, seq0 = time.monotonic(), monitor.latest().sequence
-    await monitor.wait_for_report(seq0 + 4, timeout=2)
-    assert time.monotonic() - t0 < 8 * INTERVAL + 0.2
+    await monitor.wait_for_report(3, timeout=WAIT_S)
+    # Reports keep coming with no change (heartbeats without any reading: the test above).
+    await monitor.wait_for_report(monitor.latest().sequence + 4, timeout=WAIT_S)
 
     await monitor.stop()
     await asyncio.wait_for(subscriber, 1)  # the stream ends instead of hanging
