@@ -522,7 +522,7 @@ def test_a_killed_control_plane_loses_no_acknowledged_change(tmp_path):
     from tests.harness import build_spec
 
     replicas = [Replica("a", "chat", "v1"), Replica("b", "chat", "v2")]
-    for replica, port in zip(replicas, free_ports(2)):
+    for replica, port in zip(replicas, free_ports(2), strict=True):
         replica.address = f"127.0.0.1:{port}"  # nothing listens: the control plane alone is under test
     (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(build_spec(replicas, {"chat": {"v1": 100, "v2": 0}})))
     local = LocalMesh(spec=tmp_path / "mesh.yaml", workdir=tmp_path, ports=MeshPorts.ephemeral())

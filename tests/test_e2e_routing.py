@@ -211,8 +211,9 @@ def pools_serving(client: httpx.Client, model: str, priority: str, n: int) -> co
 
 
 def test_critical_work_prefers_the_low_latency_tier(mesh, client):
-    # tiered's replicas differ in their tier only, and the low-latency one shows a queue below the
-    # saturation point (5) even with a request of its own queued: on load alone the picker favours the cost-effective one.
+    # tiered's replicas differ in their tier only, and the low-latency one shows a queue that stays
+    # below the saturation point (5) even with a request of its own queued: on load alone the picker
+    # favours the cost-effective one.
     mesh.set_faults("tier-fast", extra_waiting=2)
     try:
         wait_for_queues(mesh, {"tier-fast": 2, "tier-cheap": 0})
