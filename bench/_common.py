@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from imesh.envoy_process import envoy_binary
-from imesh.local_mesh import free_ports
+from imesh.ports import free_ports
 from imesh.processes import ManagedProcess
 
 # A chat completion as the OpenAI SDK sends it (~150 bytes): the body the mesh inspects when no

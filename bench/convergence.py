@@ -95,7 +95,7 @@ class Observer:
 
 
 def _spec_and_fleet(workdir: Path) -> tuple[Path, Path]:
-    from imesh.local_mesh import free_ports
+    from imesh.ports import free_ports
 
     ports = free_ports(4)
     replicas = [
@@ -130,7 +130,8 @@ def _spec_and_fleet(workdir: Path) -> tuple[Path, Path]:
 
 async def measure(api: str, changes: int, workdir: Path) -> dict:
     from imesh.client import MeshClient
-    from imesh.local_mesh import LocalMesh, MeshPorts
+    from imesh.local_mesh import LocalMesh
+    from imesh.ports import MeshPorts
 
     spec, fleet = _spec_and_fleet(workdir)
     mesh = LocalMesh(spec=spec, workdir=workdir, ports=MeshPorts.ephemeral(), fleet_config=fleet, xds_api=api)

@@ -48,7 +48,8 @@ from bench._common import (
     start_upstream,
     wrk,
 )
-from imesh.local_mesh import LocalMesh, MeshPorts
+from imesh.local_mesh import LocalMesh
+from imesh.ports import MeshPorts
 from imesh.processes import ManagedProcess
 from protos.wire import MODEL_ID_HEADER
 

@@ -48,7 +48,8 @@ from bench._common import (
     start_upstream,
     wrk,
 )
-from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
+from imesh.local_mesh import LocalMesh
+from imesh.ports import MeshPorts, free_ports
 from imesh.processes import ManagedProcess
 from protos.wire import INTERNAL_HEADER_PREFIX, MODEL_ID_HEADER
 

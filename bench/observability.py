@@ -39,7 +39,8 @@ from bench._common import (
     start_upstream,
     wrk,
 )
-from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
+from imesh.local_mesh import LocalMesh
+from imesh.ports import MeshPorts, free_ports
 from imesh.processes import StartupError
 from protos.wire import MODEL_ID_HEADER, PRIORITY_HEADER
 

@@ -205,8 +205,8 @@ async def xds_round(api: str, spec: MeshSpec, changes: int, workdir: Path) -> di
     import grpc
 
     from controlplane.xds.server import add_to_server
-    from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
-    from imesh.local_mesh import free_ports
+    from imesh.envoy_process import admin_ready, envoy_process
+    from imesh.ports import EnvoyPorts, free_ports
 
     admin_port, extproc_port, listener_port = free_ports(3)
     cache = SnapshotCache(STATIC_CLUSTERS)
@@ -314,8 +314,8 @@ def _per_change_resources(stream, changes: int) -> float | None:
 
 async def controlplane_process_rss(spec: MeshSpec, workdir: Path) -> dict:
     """The real control plane process serving the synthetic spec to a real (delta) Envoy: its RSS."""
-    from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
-    from imesh.local_mesh import free_ports
+    from imesh.envoy_process import admin_ready, envoy_process
+    from imesh.ports import EnvoyPorts, free_ports
     from imesh.processes import ManagedProcess, http_ok, python_module
 
     grpc_port, metrics_port, admin_port, extproc_port, listener_port = free_ports(5)

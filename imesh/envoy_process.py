@@ -5,26 +5,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from imesh.ports import EnvoyPorts
 from imesh.processes import ManagedProcess, http_ok
 
 BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "bootstrap.yaml"
-
-
-@dataclass(frozen=True)
-class EnvoyPorts:
-    admin: int = 9901
-    xds: int = 18000
-    extproc: int = 18001
-    host: str = "127.0.0.1"
-    extproc_more: tuple[int, ...] = ()  # the other ext_proc workers' ports (python -m extproc --workers N)
-
-    @property
-    def extproc_ports(self) -> tuple[int, ...]:
-        return (self.extproc, *self.extproc_more)
 
 
 def _lb_endpoints(host: str, ports: tuple[int, ...]) -> str:

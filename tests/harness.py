@@ -17,7 +17,8 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
+from imesh.local_mesh import LocalMesh
+from imesh.ports import MeshPorts, free_ports
 
 DEFAULT_POOLS = [
     {"name": "fast", "tier": "low-latency", "cost_per_hour": 4.0, "locality": {"region": "r1", "zone": "a"}},

@@ -28,7 +28,8 @@ from controlplane.xds.snapshot import (
     check_consistency,
 )
 from controlplane.xds.sotw import SotwStream
-from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
+from imesh.envoy_process import admin_ready, envoy_process
+from imesh.ports import EnvoyPorts
 from imesh.processes import ManagedProcess
 from tests.xds_fixtures import (
     FakeEnvoyBase,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from imesh.envoy_process import EnvoyPorts, render_bootstrap, validate_bootstrap
+from imesh.envoy_process import render_bootstrap, validate_bootstrap
+from imesh.ports import EnvoyPorts
 
 REPO = Path(__file__).resolve().parent.parent
 

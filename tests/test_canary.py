@@ -31,7 +31,7 @@ from controlplane.spec.schema import parse_spec
 from controlplane.state.overrides import Overrides
 from controlplane.state.store import STATE_FILE, StateStore
 from controlplane.traffic.record import RequestRecord
-from imesh.local_mesh import free_ports
+from imesh.ports import free_ports
 
 SPEC = """
 pools: [{name: p}]

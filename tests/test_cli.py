@@ -17,7 +17,8 @@ from click.testing import CliRunner, Result
 from controlplane.spec.schema import parse_spec
 from imesh.cli import cli
 from imesh.commands.up import choose_ports
-from imesh.local_mesh import DEMO_FLEET, LocalMesh, MeshPorts, demo_on_free_ports, free_ports
+from imesh.local_mesh import DEMO_FLEET, LocalMesh, demo_on_free_ports
+from imesh.ports import MeshPorts, free_ports
 from tests.harness import Replica, build_spec
 
 # A port nothing listens on: below 1024, so no test ever binds it.

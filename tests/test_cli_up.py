@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from imesh.local_mesh import DEMO_FLEET, free_ports
+from imesh.local_mesh import DEMO_FLEET
+from imesh.ports import free_ports
 
 IMESH = str(Path(sys.executable).parent / "imesh")
 

@@ -518,7 +518,8 @@ def test_a_killed_control_plane_loses_no_acknowledged_change(tmp_path):
     """SIGKILL in the middle of a burst of canary changes: the state file is whole, holds at least
     every acknowledged change, and the config version did not go backwards."""
     from imesh.client import MeshClient, MeshError
-    from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
+    from imesh.local_mesh import LocalMesh
+    from imesh.ports import MeshPorts, free_ports
     from tests.harness import build_spec
 
     replicas = [Replica("a", "chat", "v1"), Replica("b", "chat", "v2")]

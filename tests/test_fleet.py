@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet import FleetConfig, FleetConfigError, ReplicaConfig, RunningFleet, start_fleet
 from fleet.engine import Engine
-from imesh.local_mesh import free_ports
+from imesh.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "llama-3-8b"

@@ -22,7 +22,8 @@ from controlplane.translate.envoy import translate
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import add_to_server
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, check_consistency, resources_by_type
-from imesh.envoy_process import EnvoyPorts, admin_ready, envoy_process
+from imesh.envoy_process import admin_ready, envoy_process
+from imesh.ports import EnvoyPorts
 from tests.test_ads import eventually
 from tests.xds_fixtures import free_port
 

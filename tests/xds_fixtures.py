@@ -18,7 +18,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import status_pb2
 
-from imesh.local_mesh import free_ports
+from imesh.ports import free_ports
 
 LISTENER_NAME = "test_listener"
 ROUTE_NAME = "test_routes"

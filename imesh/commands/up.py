@@ -7,12 +7,15 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from imesh.client import default_server
-from imesh.local_mesh import DEMO_FLEET, DEMO_SPEC, LocalMesh, MeshPorts, demo_on_free_ports
+from imesh.ports import MeshPorts
+
+if TYPE_CHECKING:
+    from imesh.local_mesh import LocalMesh
 
 DEFAULT_PORTS, EPHEMERAL_PORTS = "default", "ephemeral"
 DEMO_MODEL = "llama-3-8b"  # the demo's chat model: `up --demo` waits for one completion of it
@@ -80,6 +83,8 @@ def up(
     **port_options: int | None,
 ) -> None:
     """Run the whole mesh on this machine until Ctrl-C."""
+    # Imported here: the process machinery (and its HTTP client) is not needed for `imesh --help`.
+    from imesh.local_mesh import DEMO_FLEET, DEMO_SPEC, LocalMesh, demo_on_free_ports
     from imesh.processes import StartupError
 
     if not demo and spec is None:
