@@ -9,6 +9,7 @@ and read without locks.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from protos import mesh_pb2
 from protos.defaults import (
@@ -71,11 +72,36 @@ class VersionView:
         return f"VersionView({self.name!r}, weight={self.weight}, endpoints={len(self.endpoints)})"
 
 
+class ScorerRef(NamedTuple):
+    """One scorer of a profile: its registry name, weight and parameters (sorted pairs)."""
+
+    type: str
+    weight: float
+    params: tuple[tuple[str, str], ...] = ()
+
+
+class ProfileView(NamedTuple):
+    """A scheduling profile as the table names it (extproc/scheduler/registry.py's names); hashable,
+    so the picker builds one ``SchedulerProfile`` per distinct profile. An empty list stands for
+    the default one."""
+
+    filters: tuple[str, ...]
+    scorers: tuple[ScorerRef, ...]
+
+    @classmethod
+    def from_proto(cls, p: mesh_pb2.SchedulingProfile) -> ProfileView:
+        return cls(
+            tuple(p.filters),
+            tuple(ScorerRef(s.type, s.weight, tuple(sorted(s.params.items()))) for s in p.scorers),
+        )
+
+
 class ModelView:
     """One model. ``versions`` in table order; ``routed`` are those with weight > 0, heaviest first
-    (the versions Envoy's weighted_clusters can choose)."""
+    (the versions Envoy's weighted_clusters can choose). ``scheduling``: this model's own profile,
+    None for the table's."""
 
-    __slots__ = ("name", "versions", "by_version", "routed", "openai_body", "allow_version_override")
+    __slots__ = ("name", "versions", "by_version", "routed", "openai_body", "allow_version_override", "scheduling")
 
     def __init__(self, m: mesh_pb2.Model):
         self.name: str = m.name
@@ -87,6 +113,7 @@ class ModelView:
             sorted((v for v in self.versions if v.weight > 0), key=lambda v: -v.weight)
         )
         self.openai_body: bytes = model_body(m.name).encode()  # GET /v1/models/{name}
+        self.scheduling: ProfileView | None = ProfileView.from_proto(m.scheduling) if m.HasField("scheduling") else None
 
     def version(self, name: str) -> VersionView | None:
         return self.by_version.get(name)
@@ -188,6 +215,7 @@ class RoutingView:
         "endpoints",
         "models_list_body",
         "version_header",
+        "scheduling",
     )
 
     def __init__(
@@ -199,8 +227,10 @@ class RoutingView:
         scoring: ScoringView,
         max_body_bytes: int,
         version_header: str = "",
+        scheduling: ProfileView | None = None,
     ):
         self.version = version
+        self.scheduling = scheduling  # the table's profile for every model without its own; None = default
         self.version_header = version_header  # "" = no client header forces a version
         self.models = models
         self.priorities = priorities
@@ -225,7 +255,10 @@ class RoutingView:
             default = PriorityView(name, max((p.rank for p in priorities.values()), default=-1) + 1)
             priorities[name] = default
         scoring = ScoringView.from_proto(table.scoring) if table.HasField("scoring") else ScoringView()
-        return cls(table.version, models, priorities, default, scoring, table.max_body_bytes, table.version_header)
+        scheduling = ProfileView.from_proto(table.scheduling) if table.HasField("scheduling") else None
+        return cls(
+            table.version, models, priorities, default, scoring, table.max_body_bytes, table.version_header, scheduling
+        )
 
     def model(self, name: str) -> ModelView | None:
         return self.models.get(name)

@@ -20,7 +20,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from extproc.errors import RequestError, body_too_large, model_not_found
 from extproc.identify import Identity, identify, parse_request_body
 from extproc.mesh_view import MeshView
-from extproc.picker import Pick, Picker
 from extproc.responses import (
     CONTINUE_BODY,
     CONTINUE_HEADERS,
@@ -31,6 +30,8 @@ from extproc.responses import (
     routed,
 )
 from extproc.routing_view import RoutingView
+from extproc.scheduler.picker import Picker
+from extproc.scheduler.results import Pick
 from extproc.telemetry import ExtprocMetrics, TokenMeter, TokenSampler, note_model
 from protos.wire import reply_details
 
@@ -46,8 +47,8 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         token_sample_rate: float = 0.0,
     ):
         self._view = view
-        self._picker = picker or Picker()
         self._metrics = metrics or ExtprocMetrics(enabled=False)
+        self._picker = picker or Picker(timer=self._metrics)
         self._sampler = TokenSampler(token_sample_rate)  # output-token counting (extproc/telemetry.py)
         # model -> the CommonResponse that selects its weighted route; built once, copied per request
         self._model_routes: dict[str, ext.CommonResponse] = {}

@@ -1,9 +1,15 @@
-"""The ext_proc's own telemetry: decision latency, picks and refusals, and sampled token counts.
+"""The ext_proc's own telemetry: decision latency, picks and refusals, scheduler plugin times, and
+sampled token counts.
 
 Hot-path cost is kept to pre-bound prometheus_client children found by one dict lookup, and two
 ``perf_counter_ns`` calls per phase (measured in docs/observability.md: about 1.5 µs a request).
 Label values are bounded by the routing table: a model it lacks is "other", none is "none", and a
 priority is the class the picker actually applied (unknown names get the default class).
+
+Scheduler plugins: each plugin's work per plan (filters, scorers) is one observation of
+``imesh_extproc_plugin_duration_seconds{plugin, extension_point}``, made at plan time; the
+per-request ranking is one series of it (``plugin="rank"``), not one per plugin, so a request pays
+two clock reads and one observation for it (docs/scheduler.md).
 
 Output tokens: Envoy's access log cannot see a response's ``usage``, so on a sampled fraction of
 generation requests (every Nth) the ext_proc asks Envoy for the response body too
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
@@ -30,6 +37,8 @@ from extproc.routing_view import RoutingView
 from protos.wire import TELEMETRY_METADATA_NAMESPACE, TELEMETRY_MODEL_KEY, TELEMETRY_OUTPUT_TOKENS_KEY
 
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
+PLUGIN_BUCKETS = (1e-6, 2.5e-6, 5e-6, *DECISION_BUCKETS)  # a filter over a few replicas takes a microsecond
+RANK_PLUGIN, RANK_EXTENSION_POINT = "rank", "pick"  # the per-request ranking's series
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_BUFFERED_BODY = 1 << 20  # an unstreamed body larger than this is not counted (a JSON object, not a stream)
 
@@ -66,6 +75,15 @@ class ExtprocMetrics:
         self._token_samples = Counter(
             "imesh_extproc_token_samples", "Responses whose output tokens were counted.", registry=registry
         )
+        self._plugin_seconds = Histogram(
+            "imesh_extproc_plugin_duration_seconds",
+            "Time one scheduler plugin spends on one plan (extension_point filter or scorer), "
+            "or ranking one request (plugin rank).",
+            ("plugin", "extension_point"),
+            buckets=PLUGIN_BUCKETS,
+            registry=registry,
+        )
+        self._plugin_children: dict[tuple[str, str], Histogram] = {}
         self._phases: dict[str | None, Histogram] = {}
         # Raw (model, priority) as the request named them -> pre-bound child, for the current routing
         # table only (a table change can turn a model into "other"); cleared if clients send junk.
@@ -111,6 +129,22 @@ class ExtprocMetrics:
                 self._refusal_children.clear()
             child = self._refusal_children[key] = self._refusals.labels(*_labels(routing, model, priority), reason)
         child.inc()
+
+    def plugin_time(self, plugin: str, extension_point: str, seconds: float) -> None:
+        """One plugin's work for one plan (extproc/scheduler/interfaces.py's ``PluginTimer``)."""
+        if not self.enabled:
+            return
+        key = (plugin, extension_point)
+        child = self._plugin_children.get(key)
+        if child is None:  # bounded by the plugins the profiles name
+            child = self._plugin_children[key] = self._plugin_seconds.labels(plugin, extension_point)
+        child.observe(seconds)
+
+    def rank_timer(self) -> Callable[[float], None] | None:
+        """The pre-bound observer of one request's ranking; None when metrics are off."""
+        if not self.enabled:
+            return None
+        return self._plugin_seconds.labels(RANK_PLUGIN, RANK_EXTENSION_POINT).observe
 
     def token_sample(self) -> None:
         if self.enabled:

@@ -43,14 +43,16 @@ class ModelVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ..., cluster: _Optional[str] = ..., context_window: _Optional[int] = ..., engine: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "versions", "allow_version_override")
+    __slots__ = ("name", "versions", "allow_version_override", "scheduling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_VERSION_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     allow_version_override: bool
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ...) -> None: ...
+    scheduling: SchedulingProfile
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ...) -> None: ...
 
 class PriorityClass(_message.Message):
     __slots__ = ("name", "rank", "preferred_tiers", "strict_tiers", "shed_threshold")
@@ -84,8 +86,33 @@ class Scoring(_message.Message):
     latency_weight: float
     def __init__(self, queue_weight: _Optional[float] = ..., kv_cache_weight: _Optional[float] = ..., inflight_weight: _Optional[float] = ..., saturation_queue: _Optional[float] = ..., saturation_kv: _Optional[float] = ..., stale_after_s: _Optional[float] = ..., latency_weight: _Optional[float] = ...) -> None: ...
 
+class PluginRef(_message.Message):
+    __slots__ = ("type", "weight", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    weight: float
+    params: _containers.ScalarMap[str, str]
+    def __init__(self, type: _Optional[str] = ..., weight: _Optional[float] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SchedulingProfile(_message.Message):
+    __slots__ = ("filters", "scorers")
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    SCORERS_FIELD_NUMBER: _ClassVar[int]
+    filters: _containers.RepeatedScalarFieldContainer[str]
+    scorers: _containers.RepeatedCompositeFieldContainer[PluginRef]
+    def __init__(self, filters: _Optional[_Iterable[str]] = ..., scorers: _Optional[_Iterable[_Union[PluginRef, _Mapping]]] = ...) -> None: ...
+
 class RoutingTable(_message.Message):
-    __slots__ = ("version", "models", "priorities", "default_priority", "scoring", "max_body_bytes", "version_header")
+    __slots__ = ("version", "models", "priorities", "default_priority", "scoring", "max_body_bytes", "version_header", "scheduling")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     PRIORITIES_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +120,7 @@ class RoutingTable(_message.Message):
     SCORING_FIELD_NUMBER: _ClassVar[int]
     MAX_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_HEADER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     version: int
     models: _containers.RepeatedCompositeFieldContainer[Model]
     priorities: _containers.RepeatedCompositeFieldContainer[PriorityClass]
@@ -100,7 +128,8 @@ class RoutingTable(_message.Message):
     scoring: Scoring
     max_body_bytes: int
     version_header: str
-    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., priorities: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority: _Optional[str] = ..., scoring: _Optional[_Union[Scoring, _Mapping]] = ..., max_body_bytes: _Optional[int] = ..., version_header: _Optional[str] = ...) -> None: ...
+    scheduling: SchedulingProfile
+    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., priorities: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority: _Optional[str] = ..., scoring: _Optional[_Union[Scoring, _Mapping]] = ..., max_body_bytes: _Optional[int] = ..., version_header: _Optional[str] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
     __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "age_s", "reachable", "latency_s")

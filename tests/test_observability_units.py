@@ -271,3 +271,23 @@ def test_token_sampler_takes_every_nth_generation_request():
     assert not TokenSampler(0.0).due("/v1/chat/completions") and not TokenSampler(1).due("/v1/embeddings")
     asked = TokenSampler.ask_for_body(ext.ProcessingResponse(request_headers=ext.HeadersResponse()))
     assert asked.mode_override.response_body_mode == asked.mode_override.STREAMED
+
+
+def test_scheduler_plugin_times_appear_after_picks():
+    from controlplane.translate.table import translate_routing_table
+    from extproc.routing_view import RoutingView
+    from extproc.scheduler.picker import Picker
+    from extproc.scheduler.results import Pick
+
+    registry = CollectorRegistry()
+    picker = Picker(timer=ExtprocMetrics(registry))
+    routing = RoutingView.from_proto(translate_routing_table(build_mesh_model(parse_spec(SPEC, "test"))))
+    for _ in range(4):
+        assert isinstance(picker.pick(routing, None, "chat", None, {}), Pick)
+    got = samples(registry)
+    count = "imesh_extproc_plugin_duration_seconds_count"
+    assert got[(count, frozenset({("plugin", "rank"), ("extension_point", "pick")}))] == 4  # one per request
+    # One plan: each plugin of the default profile once, at its extension point.
+    assert got[(count, frozenset({("plugin", "drop-drained"), ("extension_point", "filter")}))] == 1
+    assert got[(count, frozenset({("plugin", "queue"), ("extension_point", "scorer")}))] == 1
+    assert ExtprocMetrics(enabled=False).rank_timer() is None

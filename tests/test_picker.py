@@ -7,22 +7,14 @@ from collections import Counter
 
 import pytest
 
-from extproc.picker import (
-    InflightScorer,
-    KVCacheScorer,
-    NoCapacity,
-    NotFound,
-    Pick,
-    Picker,
-    QueueScorer,
-    RunningScorer,
-    SchedulerProfile,
-    Shed,
-    TooLarge,
-    default_filters,
-    default_profile,
-)
 from extproc.routing_view import LoadView, RoutingView
+from extproc.scheduler.picker import Picker
+from extproc.scheduler.profile import SchedulerProfile, default_filters, default_profile
+from extproc.scheduler.results import NoCapacity, NotFound, Pick, Shed, TooLarge
+from extproc.scheduler.scorers.inflight import InflightScorer
+from extproc.scheduler.scorers.kv_cache import KVCacheScorer
+from extproc.scheduler.scorers.queue import QueueScorer
+from extproc.scheduler.scorers.running import RunningScorer
 from protos import mesh_pb2
 
 NOW = 1000.0

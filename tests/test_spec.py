@@ -108,3 +108,65 @@ def test_mesh_model_reuses_unchanged_versions_and_matches_a_cold_build():
     # ... and a build without the memo (`imesh get routes`) leaves it as it was.
     again = build_mesh_model(spec, Overrides(weights={"m": {"v1": 10}}), memo=memo)
     assert all(a is b for a, b in zip(again.model("m").versions, reweighted.model("m").versions, strict=True))
+
+
+# ---------------------------------------------------------------- scheduling profiles
+
+SCHEDULED = (
+    GOOD
+    + """
+scheduling:
+  filters: [drop-drained, prefer-tiers, prefer-fresh, count-saturation, drop-saturated]
+  scorers:
+    - {type: queue, weight: 2}
+    - {type: kv-cache, weight: 2}
+    - {type: inflight, weight: 1}
+    - {type: latency, weight: 2}
+"""
+)
+
+
+def test_scheduling_profile_is_optional_and_filters_default_to_todays_chain():
+    assert parse_spec(GOOD).scheduling is None and parse_spec(GOOD).models[0].scheduling is None
+    spec = parse_spec(SCHEDULED)
+    assert [s.type for s in spec.scheduling.scorers] == ["queue", "kv-cache", "inflight", "latency"]
+    only_scorers = parse_spec(GOOD + "scheduling: {scorers: [{type: inflight}]}\n").scheduling
+    assert only_scorers.filters == parse_spec(SCHEDULED).scheduling.filters and only_scorers.scorers[0].weight == 1
+    assert parse_spec(GOOD + "scheduling: {filters: [drop-drained]}\n").scheduling.scorers is None  # default scorers
+    assert parse_spec(dump_spec(spec)) == spec
+
+
+def test_unknown_plugin_types_are_named_with_their_field_and_the_known_ones():
+    (problem,) = errors(SCHEDULED.replace("{type: kv-cache,", "{type: kv-cash,"))
+    assert problem.startswith("mesh.yaml: scheduling.scorers[1].type: unknown scorer type 'kv-cash'; known: [")
+    assert "'kv-cache'" in problem and "'queue'" in problem
+    (problem,) = errors(SCHEDULED.replace("prefer-fresh,", "prefer-frsh,"))
+    assert problem.startswith("mesh.yaml: scheduling.filters[2]: unknown filter type 'prefer-frsh'; known: [")
+
+
+def test_negative_weights_repeats_and_unknown_params_are_refused():
+    (problem,) = errors(SCHEDULED.replace("{type: queue, weight: 2}", "{type: queue, weight: -1}"))
+    assert problem.startswith("mesh.yaml: scheduling.scorers[0].weight: Input should be greater than or equal to 0")
+    (problem,) = errors(SCHEDULED.replace("{type: latency,", "{type: queue,"))
+    assert problem == "mesh.yaml: scheduling.scorers: each scorer may appear once, repeated: ['queue']"
+    (problem,) = errors(SCHEDULED.replace("prefer-fresh,", "prefer-tiers,"))
+    assert problem == "mesh.yaml: scheduling.filters: each filter may appear once, repeated: ['prefer-tiers']"
+    (problem,) = errors(SCHEDULED.replace("{type: queue, weight: 2}", "{type: queue, params: {depth: '3'}}"))
+    assert problem == "mesh.yaml: scheduling.scorers[0].params: scorer 'queue' has no parameter 'depth'; it takes none"
+    (problem,) = errors(GOOD + "scheduling: {scorers: []}\n")
+    assert problem.startswith("mesh.yaml: scheduling.scorers: needs at least one scorer")
+
+
+def test_every_profile_keeps_drained_replicas_out():
+    (problem,) = errors(GOOD + "scheduling: {filters: [prefer-fresh]}\n")
+    assert (
+        problem
+        == "mesh.yaml: scheduling.filters: must include ['drop-drained'] (a drained replica receives no new requests)"
+    )
+
+
+def test_a_model_may_override_the_profile_and_its_errors_name_the_model():
+    text = GOOD.replace("  - name: m\n", "  - name: m\n    scheduling: {scorers: [{type: inflight}]}\n")
+    assert [s.type for s in parse_spec(text).models[0].scheduling.scorers] == ["inflight"]
+    (problem,) = errors(text.replace("type: inflight", "type: prefix"))
+    assert problem.startswith("mesh.yaml: models[0].scheduling.scorers[0].type: unknown scorer type 'prefix'")

@@ -10,10 +10,18 @@ spec -> mesh model -> Envoy resources / routing table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from controlplane.spec.schema import Defaults, EndpointSpec, MeshSpec, ModelSpec, ScoringSpec, VersionSpec
+from controlplane.spec.schema import (
+    Defaults,
+    EndpointSpec,
+    MeshSpec,
+    ModelSpec,
+    SchedulingSpec,
+    ScoringSpec,
+    VersionSpec,
+)
 from controlplane.state.overrides import Overrides
 
 
@@ -84,6 +92,10 @@ class MeshModel:
     priorities: tuple[PriorityModel, ...]
     defaults: Defaults
     scoring: ScoringSpec
+    scheduling: SchedulingSpec | None = None  # every model's scheduling profile; None: the default one
+    # model name -> its own profile. Here rather than on ModelModel: a ModelModel is a memo key
+    # (hashed), a profile holds lists; and a profile change is rare enough to reset the memo.
+    model_scheduling: Mapping[str, SchedulingSpec] = field(default_factory=dict)
 
     def model(self, name: str) -> ModelModel | None:
         return next((m for m in self.models if m.name == name), None)
@@ -168,7 +180,8 @@ def build_mesh_model(
         PriorityModel(p.name, rank, tuple(p.preferred_tiers), p.strict_tiers, p.shed_threshold)
         for rank, p in enumerate(spec.priorities)
     )
-    return MeshModel(version, models, priorities, spec.defaults, spec.scoring)
+    model_scheduling = {m.name: m.scheduling for m in spec.models if m.scheduling is not None}
+    return MeshModel(version, models, priorities, spec.defaults, spec.scoring, spec.scheduling, model_scheduling)
 
 
 def routing_mode(spec: MeshSpec, model: ModelSpec) -> str:

@@ -9,12 +9,24 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
+# The scheduler's plugin catalogue, the one import from extproc/: names are defined once, there
+# (the registry imports only the standard library; docs/scheduler.md).
+from extproc.scheduler import registry as scheduler_plugins
 from protos.defaults import (
     DEFAULT_INFLIGHT_WEIGHT,
     DEFAULT_KV_CACHE_WEIGHT,
@@ -116,6 +128,7 @@ class ModelSpec(_Strict):
     versions: list[VersionSpec] = Field(min_length=1)
     ab: ABSpec = ABSpec()
     routing_mode: RoutingMode | None = Field(default=None, description="overrides defaults.routing_mode for this model")
+    scheduling: SchedulingSpec | None = Field(default=None, description="replaces the top-level scheduling profile")
 
     @model_validator(mode="after")
     def _versions_are_coherent(self) -> ModelSpec:
@@ -147,6 +160,67 @@ class ScoringSpec(_Strict):
     saturation_queue: float = Field(default=DEFAULT_SATURATION_QUEUE, gt=0)
     saturation_kv: float = Field(default=DEFAULT_SATURATION_KV, gt=0, le=1)
     stale_after_s: float = Field(default=DEFAULT_STALE_AFTER_S, gt=0)
+
+
+def _known_filter(name: str) -> str:
+    return scheduler_plugins.require("filter", name)
+
+
+def _known_scorer(name: str) -> str:
+    return scheduler_plugins.require("scorer", name)
+
+
+class ScorerRef(_Strict):
+    """One scorer of a profile: a plugin of extproc/scheduler/registry.py and its weight."""
+
+    type: Annotated[str, AfterValidator(_known_scorer)]
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False, description="0 leaves the scorer out")
+    params: dict[str, str] = Field(default_factory=dict, description="the plugin's own parameters")
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        kind = info.data.get("type")
+        if kind is not None:  # an unknown type is reported on its own
+            scheduler_plugins.check_params("scorer", kind, value)
+        return value
+
+
+class SchedulingSpec(_Strict):
+    """A scheduling profile (docs/scheduler.md): the ext_proc's filters, in order, and weighted scorers.
+
+    ``scorers`` left out: today's scorers with the ``scoring:`` weights.
+    """
+
+    filters: list[Annotated[str, AfterValidator(_known_filter)]] = Field(
+        default_factory=lambda: list(scheduler_plugins.DEFAULT_FILTERS)
+    )
+    scorers: list[ScorerRef] | None = None
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, value: list[str]) -> list[str]:
+        _no_repeats("filter", value)
+        missing = [name for name in scheduler_plugins.REQUIRED_FILTERS if name not in value]
+        if missing:
+            raise ValueError(f"must include {missing} (a drained replica receives no new requests)")
+        return value
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, value: list[ScorerRef] | None) -> list[ScorerRef] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("needs at least one scorer; leave `scorers` out for the default ones")
+        _no_repeats("scorer", [s.type for s in value])
+        return value
+
+
+def _no_repeats(kind: str, names: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"each {kind} may appear once, repeated: {repeated}")
 
 
 class Defaults(_Strict):
@@ -216,6 +290,7 @@ class MeshSpec(_Strict):
     kind: Literal["Mesh"] = "Mesh"
     defaults: Defaults = Defaults()
     scoring: ScoringSpec = ScoringSpec()
+    scheduling: SchedulingSpec | None = Field(default=None, description="every model's profile; none: the default")
     priorities: list[PriorityClassSpec] = Field(default_factory=_default_priorities, min_length=1)
     pools: list[Pool] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from controlplane.model.mesh_model import MeshModel
+from controlplane.spec.schema import SchedulingSpec
 from protos import mesh_pb2
 
 
@@ -37,6 +38,7 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
                     for v in m.versions
                 ],
                 allow_version_override=m.allow_version_override,
+                scheduling=_profile(model.model_scheduling.get(m.name)),
             )
             for m in model.models
         ],
@@ -62,4 +64,15 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
         ),
         max_body_bytes=model.defaults.max_body_bytes,
         version_header=model.defaults.version_header,
+        scheduling=_profile(model.scheduling),
+    )
+
+
+def _profile(spec: SchedulingSpec | None) -> mesh_pb2.SchedulingProfile | None:
+    """None (the field unset) without a profile; scorers left out travel as an empty list."""
+    if spec is None:
+        return None
+    return mesh_pb2.SchedulingProfile(
+        filters=spec.filters,
+        scorers=[mesh_pb2.PluginRef(type=s.type, weight=s.weight, params=s.params) for s in spec.scorers or ()],
     )

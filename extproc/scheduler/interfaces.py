@@ -1,0 +1,119 @@
+"""The scheduler's extension points, one small ``Protocol`` each (the GIE scheduler's shape).
+
+A request's endpoints go through three stages (docs/scheduler.md):
+
+* ``Filter`` (plan time): narrows the candidates of one model version;
+* ``Scorer`` (plan time, evaluated per request): rates the survivors 0..1, higher is better, in
+  one of two kinds: *static* (load readings only) or *in-flight* (also this process's own requests
+  in flight, in the shape ``scale / (scale + base + n)``); a ``RequestScorer`` may also rate them
+  on what the request itself says (``SchedulingRequest``: prefix-block hashes, an adapter);
+* ``Selector`` (per request): the picker point; takes the best few of the compiled candidates.
+
+Plan time runs once per routing table x load report x model x priority (``profile.py``); only the
+selector and the request scorers' terms run per request, so those must be cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from extproc.scheduler.candidates import Candidate, FilterContext
+
+# One compiled candidate: ``(address, idle, a1, d1, a2, d2)``, its score with ``n`` requests in
+# flight being ``a1/(d1+n) + a2/(d2+n)`` (``idle`` at n = 0); a profile with more than two distinct
+# denominators appends a tuple of further ``(a, d)`` pairs (``profile.py``).
+Entry = tuple
+
+
+class SchedulingRequest:
+    """What one request tells the scheduler beyond its model, version and priority.
+
+    Built by the servicer when some scorer needs it; request scorers read the fields they know and
+    ignore the rest. ``prefix_hashes``: hashes of the prompt's leading token blocks, in order (for
+    prefix-cache affinity); ``adapter``: the LoRA adapter the request names, if any.
+    """
+
+    __slots__ = ("tokens", "prefix_hashes", "adapter")
+
+    def __init__(self, tokens: int = 0, prefix_hashes: tuple[int, ...] = (), adapter: str | None = None):
+        self.tokens = tokens
+        self.prefix_hashes = prefix_hashes
+        self.adapter = adapter
+
+    def __repr__(self) -> str:
+        blocks = len(self.prefix_hashes)
+        return f"SchedulingRequest(tokens={self.tokens}, prefix_blocks={blocks}, adapter={self.adapter!r})"
+
+
+# A request scorer's per-request half: address -> score 0..1 for the candidates it rates above 0
+# (sparse: the others count 0); None when it has nothing to say about this request.
+RequestTerm = Callable[[SchedulingRequest], Mapping[str, float] | None]
+
+
+class Filter(Protocol):
+    """Narrows the candidates of ONE model version (Envoy's weighted_clusters chooses the version).
+
+    May return the same list or a new one. Depends only on the routing table and the load readings,
+    never on the request. A filter that would drop everyone for lack of data keeps everyone.
+    """
+
+    name: str
+
+    def __call__(self, ctx: FilterContext, candidates: list[Candidate]) -> list[Candidate]: ...
+
+
+class Scorer(Protocol):
+    """Rates the candidates of one version; the profile sums ``weight * score``.
+
+    ``static``: one score per candidate from the readings alone (the profile discounts it by the
+    work outstanding there). ``inflight``: one ``(scale, base)`` pair per candidate, the score with
+    ``n`` in flight being ``scale / (scale + base + n)``. Both run once per plan; a scorer returns
+    None from the kind it is not.
+    """
+
+    name: str
+    weight: float
+
+    def static(self, ctx: FilterContext, candidates: list[Candidate]) -> list[float] | None: ...
+
+    def inflight(self, ctx: FilterContext, candidates: list[Candidate]) -> list[tuple[float, float]] | None: ...
+
+
+@runtime_checkable
+class RequestScorer(Scorer, Protocol):
+    """A scorer that also reads the request (prefix affinity, adapter affinity).
+
+    ``request`` runs once per plan and returns the per-request term (or None to abstain for this
+    plan): whatever can be prepared from the candidates is prepared there, so the term itself is a
+    few lookups. The profile adds ``weight * score`` to the candidate's score, undiscounted.
+    """
+
+    def request(self, ctx: FilterContext, candidates: list[Candidate]) -> RequestTerm | None: ...
+
+
+class Selector(Protocol):
+    """The picker point: the best ``k`` addresses of one version's compiled entries, best first.
+
+    ``entries`` come in rotation order (the profile rotates them per request), so a selector that
+    keeps the first of equal scores lets ties take turns. ``inflight``: address -> requests this
+    process has in flight there; ``bonus``: address -> the request scorers' weighted sum, or None.
+    """
+
+    name: str
+
+    def select(
+        self, entries: Sequence[Entry], inflight: Mapping[str, float], k: int, bonus: Mapping[str, float] | None
+    ) -> list[str]: ...
+
+
+class PluginTimer(Protocol):
+    """Where plugin times go (extproc/telemetry.py's ``ExtprocMetrics``)."""
+
+    def plugin_time(self, plugin: str, extension_point: str, seconds: float) -> None:
+        """One plugin's work for one plan (summed over the plan's versions)."""
+        ...
+
+    def rank_timer(self) -> Callable[[float], None] | None:
+        """The observer for one request's ranking (pre-bound), or None when timing is off."""
+        ...
