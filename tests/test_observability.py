@@ -235,6 +235,11 @@ def test_request_metrics_move_exactly_for_known_traffic(mesh):
     assert ep_delta("imesh_extproc_decision_seconds_count", phase="request_headers") == 11
     assert ep_delta("imesh_extproc_decision_seconds_count", phase="request_body") == 11
     assert ep_delta("imesh_extproc_token_samples_total") == 7  # the 500s carry no usage
+    # The scheduler: one ranking per pick; the plugins' plan-time work is a series of its own.
+    plugin_count = "imesh_extproc_plugin_duration_seconds_count"
+    assert ep_delta(plugin_count, plugin="rank", extension_point="pick") == 10
+    assert value(ep, plugin_count, plugin="drop-drained", extension_point="filter") >= 1
+    assert value(ep, plugin_count, plugin="queue", extension_point="scorer") >= 1
 
 
 def test_output_tokens_reach_the_json_access_log(mesh):
