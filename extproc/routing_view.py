@@ -275,9 +275,24 @@ class RoutingView:
 
 class Reading:
     """One replica's load. ``scraped_at`` is the monotonic time of its last good scrape
-    (``-inf`` when it never answered), so its age at any moment is ``now - scraped_at``."""
+    (``-inf`` when it never answered), so its age at any moment is ``now - scraped_at``.
 
-    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "reachable", "scraped_at", "latency_s")
+    ``prefill_tokens_per_s``, ``prefill_tokens_mean`` and ``decode_step_s`` are what a
+    time-to-first-token estimate needs (the ``ttft`` scorer); 0 = not measured."""
+
+    __slots__ = (
+        "address",
+        "waiting",
+        "running",
+        "kv_cache",
+        "gpu_util",
+        "reachable",
+        "scraped_at",
+        "latency_s",
+        "prefill_tokens_per_s",
+        "prefill_tokens_mean",
+        "decode_step_s",
+    )
 
     def __init__(
         self,
@@ -289,6 +304,9 @@ class Reading:
         reachable: bool = True,
         scraped_at: float = 0.0,
         latency_s: float = 0.0,
+        prefill_tokens_per_s: float = 0.0,
+        prefill_tokens_mean: float = 0.0,
+        decode_step_s: float = 0.0,
     ):
         self.address = address
         self.waiting = waiting
@@ -298,6 +316,9 @@ class Reading:
         self.reachable = reachable
         self.scraped_at = scraped_at
         self.latency_s = latency_s  # recent mean end-to-end latency; 0 = unknown
+        self.prefill_tokens_per_s = prefill_tokens_per_s  # prompt tokens computed per second of prefill
+        self.prefill_tokens_mean = prefill_tokens_mean  # prompt tokens computed per request, recent mean
+        self.decode_step_s = decode_step_s  # time per output token: one engine step at the running batch
 
     def age(self, now: float) -> float:
         return now - self.scraped_at
@@ -326,7 +347,17 @@ class LoadView:
             age = e.age_s
             scraped_at = received_at - age if math.isfinite(age) else -math.inf
             readings[e.address] = Reading(
-                e.address, e.waiting, e.running, e.kv_cache, e.gpu_util, e.reachable, scraped_at, e.latency_s
+                e.address,
+                e.waiting,
+                e.running,
+                e.kv_cache,
+                e.gpu_util,
+                e.reachable,
+                scraped_at,
+                e.latency_s,
+                e.prefill_tokens_per_s,
+                e.prefill_tokens_mean,
+                e.decode_step_s,
             )
         return cls(report.sequence, received_at, readings)
 

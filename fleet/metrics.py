@@ -90,6 +90,8 @@ TPOT_BUCKETS = (
     40.0,
     80.0,
 )
+# vLLM's 1-2-5 token buckets (build_1_2_5_buckets), up to the profiles' longest context.
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -125,6 +127,22 @@ class ReplicaMetrics:
         self.queue_time = Histogram(
             "vllm:request_queue_time_seconds", "Time spent waiting in the queue.", lbl, buckets=E2E_BUCKETS, registry=r
         )
+        # Per finished request, as vLLM observes them: the time from admission to the first token,
+        # and the prompt tokens it computed (prefix-cache hits excluded).
+        self.prefill_time = Histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            lbl,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.prefill_computed = Histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            lbl,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         for m in self.models:  # make every series visible from the first scrape
             for metric in (
                 self.prompt_tokens,
@@ -135,6 +153,8 @@ class ReplicaMetrics:
                 self.e2e,
                 self.tpot,
                 self.queue_time,
+                self.prefill_time,
+                self.prefill_computed,
             ):
                 metric.labels(model_name=m)
 
@@ -166,6 +186,9 @@ class ReplicaMetrics:
         self.request_success.labels(model_name=model, finished_reason=seq.finish_reason).inc()
         self.e2e.labels(model_name=model).observe(seq.finished_at - seq.arrival)
         self.queue_time.labels(model_name=model).observe(seq.admitted_at - seq.arrival)
+        prefilled_at = seq.first_token_at if seq.first_token_at is not None else seq.finished_at
+        self.prefill_time.labels(model_name=model).observe(prefilled_at - seq.admitted_at)
+        self.prefill_computed.labels(model_name=model).observe(seq.prompt_tokens - seq.cached_tokens)
         if seq.generated > 1 and seq.first_token_at is not None:
             self.tpot.labels(model_name=model).observe((seq.finished_at - seq.first_token_at) / (seq.generated - 1))
 

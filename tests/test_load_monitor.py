@@ -150,6 +150,52 @@ DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-aaaa",device="nvidia0",modelName="NVIDIA H
 DCGM_FI_DEV_FB_USED{gpu="1",UUID="GPU-bbbb",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 20000
 """
 
+# vLLM 0.11-style prefill and decode histograms (two engines, buckets trimmed), beside the names
+# it keeps for older dashboards: what the TTFT estimate reads.
+VLLM_PREFILL = """\
+# HELP vllm:request_prefill_kv_computed_tokens Histogram of new KV tokens computed during prefill.
+# TYPE vllm:request_prefill_kv_computed_tokens histogram
+vllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="1000.0",model_name="m"} 10.0
+vllm:request_prefill_kv_computed_tokens_bucket{engine="0",le="+Inf",model_name="m"} 12.0
+vllm:request_prefill_kv_computed_tokens_count{engine="0",model_name="m"} 12.0
+vllm:request_prefill_kv_computed_tokens_sum{engine="0",model_name="m"} 9000.0
+vllm:request_prefill_kv_computed_tokens_count{engine="1",model_name="m"} 8.0
+vllm:request_prefill_kv_computed_tokens_sum{engine="1",model_name="m"} 3000.0
+# HELP vllm:request_prompt_tokens Number of prefill tokens processed.
+# TYPE vllm:request_prompt_tokens histogram
+vllm:request_prompt_tokens_count{engine="0",model_name="m"} 12.0
+vllm:request_prompt_tokens_sum{engine="0",model_name="m"} 24000.0
+# HELP vllm:request_prefill_time_seconds Histogram of time spent in PREFILL phase for request.
+# TYPE vllm:request_prefill_time_seconds histogram
+vllm:request_prefill_time_seconds_bucket{engine="0",le="0.3",model_name="m"} 12.0
+vllm:request_prefill_time_seconds_bucket{engine="0",le="+Inf",model_name="m"} 12.0
+vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 12.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 0.5
+vllm:request_prefill_time_seconds_count{engine="1",model_name="m"} 8.0
+vllm:request_prefill_time_seconds_sum{engine="1",model_name="m"} 0.25
+# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 400.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="m"} 8.0
+# HELP vllm:time_per_output_token_seconds Histogram of time per output token in seconds. DEPRECATED.
+# TYPE vllm:time_per_output_token_seconds histogram
+vllm:time_per_output_token_seconds_count{engine="0",model_name="m"} 400.0
+vllm:time_per_output_token_seconds_sum{engine="0",model_name="m"} 99.0
+"""
+
+# Older vLLM: all prompt tokens (no computed-tokens histogram) and only the older per-token name.
+VLLM_PREFILL_OLDER = """\
+# TYPE vllm:request_prompt_tokens histogram
+vllm:request_prompt_tokens_count{model_name="m"} 4.0
+vllm:request_prompt_tokens_sum{model_name="m"} 2000.0
+# TYPE vllm:request_prefill_time_seconds histogram
+vllm:request_prefill_time_seconds_count{model_name="m"} 4.0
+vllm:request_prefill_time_seconds_sum{model_name="m"} 0.4
+# TYPE vllm:time_per_output_token_seconds histogram
+vllm:time_per_output_token_seconds_count{model_name="m"} 10.0
+vllm:time_per_output_token_seconds_sum{model_name="m"} 0.3
+"""
+
 
 def test_vllm_sums_queues_and_averages_kv_across_engines() -> None:
     load = parse_engine_load(VLLM_V1, "vllm")
@@ -227,6 +273,24 @@ def test_counters_untyped_nan_and_clamping() -> None:
     assert parse_engine_load(text, "trtllm") == EngineLoad(waiting=3, running=4, kv_cache=1.0, gpu_util=-1)
 
 
+def test_vllm_prefill_and_decode_histograms_prefer_computed_tokens_and_per_token_latency() -> None:
+    load = parse_engine_load(VLLM_V1 + VLLM_PREFILL, "vllm")
+    # Summed over the engines; the computed tokens, not all prompt tokens (24000 of them).
+    assert (load.prefill_tokens_sum, load.prefill_tokens_count, load.prefill_time_sum) == (12000, 20, 0.75)
+    # Inter-token latency, not the deprecated per-request name beside it.
+    assert (load.decode_step_sum, load.decode_step_count) == (8.0, 400.0)
+    assert load.waiting == 4.0  # the gauges as before
+
+
+def test_older_vllm_prefill_histograms_fall_back_to_all_prompt_tokens() -> None:
+    load = parse_engine_load(VLLM_PREFILL_OLDER, "vllm")
+    assert (load.prefill_tokens_sum, load.prefill_tokens_count, load.prefill_time_sum) == (2000, 4, 0.4)
+    assert (load.decode_step_sum, load.decode_step_count) == (0.3, 10.0)
+    # And nothing of it on a scrape without them, nor on engines without those names.
+    assert parse_engine_load(VLLM_V0, "vllm").prefill_time_sum == 0.0
+    assert parse_engine_load(VLLM_PREFILL, "sglang") == EngineLoad()
+
+
 def test_line_selection_changes_nothing_but_speed() -> None:
     text = VLLM_V1 + DCGM
     names = wanted_names("vllm")
@@ -288,6 +352,7 @@ class FakeReplica:
     def __init__(self) -> None:
         self.waiting = 0.0
         self.kv = 0.1
+        self.extra = ""  # more exposition, appended as is
         self.hang = False
         self.status = 200
         self.hits = 0
@@ -311,7 +376,7 @@ class FakeReplica:
             'vllm:num_requests_running{model_name="m"} 1.0\n'
             "# TYPE vllm:kv_cache_usage_perc gauge\n"
             f'vllm:kv_cache_usage_perc{{model_name="m"}} {self.kv}\n'
-        )
+        ) + self.extra
         return web.Response(text=body, status=self.status, content_type="text/plain")
 
     async def start(self, port: int = 0) -> None:
@@ -539,3 +604,51 @@ def test_recent_latency_comes_from_histogram_deltas_between_scrapes():
     assert _recent_latency(first, second, 0.5) == 0.5 * 0.5 + 0.5 * 2.0
     assert _recent_latency(second, second, 1.25) == 1.25  # nothing finished: unchanged
     assert _recent_latency(second, EngineLoad(), 1.25) == 0.0  # counters reset: start over
+
+
+def _prefill_page(tokens: float, requests: float, prefill_s: float, step_sum: float, steps: float) -> str:
+    return (
+        "# TYPE vllm:request_prefill_kv_computed_tokens histogram\n"
+        f'vllm:request_prefill_kv_computed_tokens_sum{{model_name="m"}} {tokens}\n'
+        f'vllm:request_prefill_kv_computed_tokens_count{{model_name="m"}} {requests}\n'
+        "# TYPE vllm:request_prefill_time_seconds histogram\n"
+        f'vllm:request_prefill_time_seconds_sum{{model_name="m"}} {prefill_s}\n'
+        f'vllm:request_prefill_time_seconds_count{{model_name="m"}} {requests}\n'
+        "# TYPE vllm:inter_token_latency_seconds histogram\n"
+        f'vllm:inter_token_latency_seconds_sum{{model_name="m"}} {step_sum}\n'
+        f'vllm:inter_token_latency_seconds_count{{model_name="m"}} {steps}\n'
+    )
+
+
+def test_ttft_signals_come_from_histogram_deltas_and_survive_quiet_windows_and_resets():
+    from controlplane.load.monitor import _derive_ttft_signals, _EndpointState
+
+    state = _EndpointState(ScrapeTarget("10.0.0.1:80", "vllm"))
+
+    def scrape(*page: float) -> tuple[float, float, float]:
+        load = parse_engine_load(_prefill_page(*page), "vllm")
+        _derive_ttft_signals(state, load)
+        state.load = load
+        return state.prefill_tokens_per_s, state.prefill_tokens_mean, state.decode_step_s
+
+    assert scrape(0, 0, 0, 0, 0) == (0.0, 0.0, 0.0)  # nothing served yet: not measured
+    # 4 requests computed 2000 tokens in 0.5 s of prefill; 100 tokens took 2 s.
+    assert scrape(2000, 4, 0.5, 2.0, 100) == (4000.0, 500.0, 0.02)
+    assert scrape(2000, 4, 0.5, 2.0, 100) == (4000.0, 500.0, 0.02)  # no traffic: the last known
+    # 2 more computed 3000 tokens in 0.25 s (12000/s, a mean of 1500): smoothed half and half.
+    assert scrape(5000, 6, 0.75, 2.0, 100) == (8000.0, 1000.0, 0.02)
+    # The replica restarted: its counters count from zero again, and so does the window.
+    assert scrape(1000, 1, 0.125, 0.5, 10) == (8000.0, 1000.0, 0.035)
+    assert scrape(1000, 1, 0.125, 0.5, 10)[0] == 8000.0  # and a quiet window after it keeps them
+
+
+async def test_the_report_carries_the_ttft_signals(replicas) -> None:
+    a = await replicas()
+    a.extra = _prefill_page(2000, 4, 0.5, 2.0, 100)
+    async with LoadMonitor([ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT) as monitor:
+        report = await _until(monitor, lambda e: a.address in e and e[a.address].prefill_tokens_per_s > 0, WAIT_S)
+        ep = _by_address(report)[a.address]
+        assert (ep.prefill_tokens_per_s, ep.prefill_tokens_mean, ep.decode_step_s) == (4000.0, 500.0, 0.02)
+        # Quiet windows after it keep the rate: it is the replica's speed, not its traffic.
+        later = await monitor.wait_for_report(report.sequence + 3, timeout=WAIT_S)
+        assert _by_address(later)[a.address].prefill_tokens_per_s == 4000.0

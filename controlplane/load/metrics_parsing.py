@@ -35,6 +35,14 @@ class EngineLoad:
     # scrapes into a recent mean latency, which is what converts "requests sent" into "in flight".
     latency_sum: float = 0.0
     latency_count: float = 0.0
+    # Cumulative prefill histograms (sums and counts), turned into rates between scrapes by the
+    # monitor: prompt tokens computed over prefill seconds is the prefill rate, the tokens' sum over
+    # their count the mean prompt of a request; the decode step is the per-token histogram's mean.
+    prefill_tokens_sum: float = 0.0
+    prefill_tokens_count: float = 0.0
+    prefill_time_sum: float = 0.0
+    decode_step_sum: float = 0.0
+    decode_step_count: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,12 @@ class _EngineNames:
     kv_cache: tuple[str, ...] = ()
     gpu_util: tuple[str, ...] = ()  # engine-native, already 0..1
     latency: str = ""  # histogram family of end-to-end request latency in seconds
+    # Histogram families of one request's prefill: the prompt tokens it computed and the seconds it
+    # took. Both must be observed for the same requests (vLLM: when a request finishes), or a
+    # window's tokens and seconds would belong to different requests.
+    prefill_tokens: tuple[str, ...] = ()
+    prefill_time: tuple[str, ...] = ()
+    decode_step: tuple[str, ...] = ()  # histogram families of the time per output token, seconds
     # Only where the engine's own KV signal *is* GPU memory (Triton). vLLM, SGLang and TRT-LLM
     # preallocate most of the GPU at start, so memory in use says nothing about their KV pressure
     # and would make every replica look saturated.
@@ -53,7 +67,12 @@ class _EngineNames:
 
     def all_names(self) -> tuple[str, ...]:
         latency = (self.latency + "_sum", self.latency + "_count") if self.latency else ()
-        return self.waiting + self.running + self.kv_cache + self.gpu_util + latency
+        histograms = tuple(
+            family + suffix
+            for family in self.prefill_tokens + self.prefill_time + self.decode_step
+            for suffix in ("_sum", "_count")
+        )
+        return self.waiting + self.running + self.kv_cache + self.gpu_util + latency + histograms
 
 
 _NAMES: dict[str, _EngineNames] = {
@@ -62,6 +81,16 @@ _NAMES: dict[str, _EngineNames] = {
         running=("vllm:num_requests_running",),
         kv_cache=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         latency="vllm:e2e_request_latency_seconds",
+        # Tokens actually computed (prefix-cache hits excluded, newer releases) before all prompt
+        # tokens (older ones, which overstate the rate of a replica with many cache hits).
+        prefill_tokens=("vllm:request_prefill_kv_computed_tokens", "vllm:request_prompt_tokens"),
+        prefill_time=("vllm:request_prefill_time_seconds",),
+        # Per token (one engine step each) before the per-request means of older and newer releases.
+        decode_step=(
+            "vllm:inter_token_latency_seconds",
+            "vllm:time_per_output_token_seconds",
+            "vllm:request_time_per_output_token_seconds",
+        ),
     ),
     "sglang": _EngineNames(
         waiting=("sglang:num_queue_reqs",),
@@ -179,6 +208,16 @@ def _mean(series: list[float] | None) -> float | None:
     return sum(series) / len(series) if series else None
 
 
+def _histogram(values: dict[str, list[float]], families: Iterable[str]) -> tuple[float, float]:
+    """``(sum, count)`` of the first histogram family with a ``_count`` on the scrape, each summed
+    over its series (engines, models); ``(0, 0)`` when none is there."""
+    for family in families:
+        count = values.get(family + "_count")
+        if count:
+            return _sum(values.get(family + "_sum")), _sum(count)
+    return 0.0, 0.0
+
+
 def _clamp01(value: float) -> float:
     return min(1.0, max(0.0, value))
 
@@ -217,6 +256,9 @@ def load_from_values(values: dict[str, list[float]], engine: str) -> EngineLoad:
         dcgm = _mean(values.get(_DCGM_UTIL))
         gpu = None if dcgm is None else dcgm / 100.0
 
+    prefill_tokens_sum, prefill_tokens_count = _histogram(values, names.prefill_tokens)
+    prefill_time_sum, _ = _histogram(values, names.prefill_time)
+    decode_step_sum, decode_step_count = _histogram(values, names.decode_step)
     return EngineLoad(
         waiting=_sum(_first(values, names.waiting)),
         running=_sum(_first(values, names.running)),
@@ -224,6 +266,11 @@ def load_from_values(values: dict[str, list[float]], engine: str) -> EngineLoad:
         gpu_util=-1.0 if gpu is None else _clamp01(gpu),
         latency_sum=_sum(values.get(names.latency + "_sum")) if names.latency else 0.0,
         latency_count=_sum(values.get(names.latency + "_count")) if names.latency else 0.0,
+        prefill_tokens_sum=prefill_tokens_sum,
+        prefill_tokens_count=prefill_tokens_count,
+        prefill_time_sum=prefill_time_sum,
+        decode_step_sum=decode_step_sum,
+        decode_step_count=decode_step_count,
     )
 
 

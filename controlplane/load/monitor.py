@@ -78,6 +78,10 @@ class _EndpointState:
     load: EngineLoad = field(default_factory=EngineLoad)
     last_success: float | None = None  # monotonic clock
     latency_s: float = 0.0  # recent mean end-to-end latency; 0 = unknown
+    # What a TTFT estimate needs, from the prefill and decode histograms; 0 = not measured yet.
+    prefill_tokens_per_s: float = 0.0
+    prefill_tokens_mean: float = 0.0
+    decode_step_s: float = 0.0
     reachable: bool = False
     attempted: bool = False
     last_error: str = ""
@@ -282,6 +286,9 @@ class LoadMonitor:
                     age_s=math.inf if state.last_success is None else now - state.last_success,
                     reachable=state.reachable,
                     latency_s=state.latency_s,
+                    prefill_tokens_per_s=state.prefill_tokens_per_s,
+                    prefill_tokens_mean=state.prefill_tokens_mean,
+                    decode_step_s=state.decode_step_s,
                 )
             )
         return mesh_pb2.LoadReport(sequence=self._latest.sequence, endpoints=endpoints)
@@ -357,6 +364,7 @@ class LoadMonitor:
             reading: EngineLoad | None = None
         else:
             state.latency_s = _recent_latency(state.load, load, state.latency_s)
+            _derive_ttft_signals(state, load)
             state.load = load
             state.last_success = time.monotonic()
             state.reachable = True
@@ -395,6 +403,45 @@ def _recent_latency(previous: EngineLoad, current: EngineLoad, smoothed: float) 
         return smoothed if finished == 0 else 0.0
     mean = spent / finished
     return mean if smoothed == 0.0 else 0.5 * smoothed + 0.5 * mean
+
+
+def _derive_ttft_signals(state: _EndpointState, current: EngineLoad) -> None:
+    """The prefill rate, the mean prompt and the decode step from the histograms' deltas between
+    ``state.load`` (the previous scrape) and ``current``."""
+    previous = state.load
+    state.prefill_tokens_per_s = _window_ratio(
+        (previous.prefill_tokens_sum, previous.prefill_time_sum),
+        (current.prefill_tokens_sum, current.prefill_time_sum),
+        state.prefill_tokens_per_s,
+    )
+    state.prefill_tokens_mean = _window_ratio(
+        (previous.prefill_tokens_sum, previous.prefill_tokens_count),
+        (current.prefill_tokens_sum, current.prefill_tokens_count),
+        state.prefill_tokens_mean,
+    )
+    state.decode_step_s = _window_ratio(
+        (previous.decode_step_sum, previous.decode_step_count),
+        (current.decode_step_sum, current.decode_step_count),
+        state.decode_step_s,
+    )
+
+
+def _window_ratio(previous: tuple[float, float], current: tuple[float, float], smoothed: float) -> float:
+    """Δnumerator / Δdenominator of two cumulative counters between two scrapes, smoothed (EWMA, 1/2).
+
+    A window in which nothing was observed (no request finished) keeps the last value: a replica
+    that serves nothing for a while has not changed speed. A counter that went down was reset (the
+    replica restarted): the window then counts from zero, as Prometheus's ``rate()`` does. 0 stays
+    "not measured" until a window has something in it.
+    """
+    (num_before, den_before), (num, den) = previous, current
+    if num < num_before or den < den_before:
+        num_before = den_before = 0.0
+    d_num, d_den = num - num_before, den - den_before
+    if d_num <= 0.0 or d_den <= 0.0:
+        return smoothed
+    value = d_num / d_den
+    return value if smoothed == 0.0 else 0.5 * smoothed + 0.5 * value
 
 
 def _describe(exc: BaseException) -> str:
