@@ -365,6 +365,14 @@ async def test_repeated_prompt_prefills_faster(session):
         m = await scrape(session, url)
         assert m["vllm:prefix_cache_hits_total"] == cached + third["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert m["vllm:prefix_cache_queries_total"] == m["vllm:prompt_tokens_total"]
+        # Per finished request, as vLLM: the prompt tokens it computed (hits excluded) and the time
+        # from admission to its first token: here one step each, paced to at least its modelled
+        # time but for the moment between the engine waking and admitting it.
+        hits = m["vllm:prefix_cache_hits_total"]
+        assert m["vllm:request_prefill_kv_computed_tokens_count"] == 3
+        assert m["vllm:request_prefill_kv_computed_tokens_sum"] == m["vllm:prompt_tokens_total"] - hits
+        assert m["vllm:request_prefill_time_seconds_count"] == 3
+        assert m["vllm:request_prefill_time_seconds_sum"] >= 0.9 * engine.busy_s
 
 
 async def test_kv_cache_use_follows_tokens_held(session):
