@@ -43,6 +43,8 @@ SCORERS: dict[str, Plugin] = {
     "inflight": Plugin("extproc.scheduler.scorers.inflight:InflightScorer"),
     "running": Plugin("extproc.scheduler.scorers.running:RunningScorer"),
     "latency": Plugin("extproc.scheduler.scorers.latency:LatencyScorer"),
+    "ttft": Plugin("extproc.scheduler.scorers.ttft:TTFTScorer"),
+    "gpu-util": Plugin("extproc.scheduler.scorers.gpu:GpuUtilScorer"),
 }
 
 # Today's filter chain, the default profile's: drained -> tier preference -> freshness -> (shed

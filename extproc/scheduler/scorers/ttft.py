@@ -1,0 +1,149 @@
+"""``ttft``: the time each candidate would make this request wait for its first token, in seconds.
+
+One unit weighs what the other scorers weigh with hand-tuned weights (queue against speed, prefix
+overlap against load)::
+
+    estimate = (queued prefill tokens + this request's uncached prompt tokens) / prefill rate
+               + one decode step
+
+* **prefill rate**: prompt tokens computed per second of prefill, measured per replica from its
+  prefill histograms between scrapes (``Reading.prefill_tokens_per_s``);
+* **queued prefill tokens**: the requests waiting there times that replica's recent mean prompt
+  (``waiting x Reading.prefill_tokens_mean``: no engine exports the tokens it has queued), plus one
+  typical request for each request this process sent there since the reading (in flight);
+* **this request's uncached tokens**: its prompt (``SchedulingRequest.tokens``) less what the
+  replica probably caches of it (the ``cached_tokens`` seam, prefix overlap; 0 until wired). With
+  no request to read, a typical one: the mean prompt of the version's replicas;
+* **one decode step** (``Reading.decode_step_s``, the time per output token): the step that
+  prefills the request also decodes the running batch, which a bigger batch makes longer. The
+  batch's remaining tokens do not delay the first token (continuous batching admits between
+  steps), so it is one step at the current batch, not ``running x step``.
+
+Score: ``fastest estimate / estimate``, 1 for the fastest candidate and falling. A candidate whose
+prefill rate is not measured yet (or whose reading is not trusted) scores neutral, 0.5.
+
+Two halves, by what they depend on (docs/scheduler.md):
+
+* ``inflight`` (per plan): the estimate for a typical request, in the in-flight shape: with ``n``
+  requests sent since the reading, ``T*/(T + n x)`` (x: one typical request's prefill there) is
+  ``scale / (scale + base + n)`` with ``scale = T*/x`` and ``base = (T - T*)/x``;
+* ``request`` (per request, when the request says how long its prompt is or what is cached where):
+  the change from the typical request's score to this request's, at no requests in flight. Within
+  a version a constant changes no ranking, so the changes are shifted to be >= 0 (sparse: the
+  lowest gets nothing); the sum ranks as the exact estimate does while nothing is in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+from extproc.scheduler.candidates import TRUSTED, Candidate, FilterContext
+from extproc.scheduler.interfaces import RequestTerm, SchedulingRequest
+from extproc.scheduler.scorers import NEUTRAL
+
+# The seam for prefix overlap: address -> prompt tokens of this request the replica probably holds
+# in its prefix cache, for the given candidates (missing: none). The ext_proc's PrefixIndex answers
+# this once it is reachable at pick time; wire it with
+# ``registry.register_scorer("ttft", functools.partial(TTFTScorer, cached_tokens=lookup))``.
+CachedTokens = Callable[[SchedulingRequest, Sequence[str]], Mapping[str, int]]
+
+# vLLM computes at least the prompt's last token however much of it is cached.
+MIN_UNCACHED_TOKENS = 1.0
+
+
+class _Estimate(NamedTuple):
+    """One measured candidate's estimate, less this request's own prefill."""
+
+    wait_s: float  # the queued prefill ahead of it, and one decode step
+    s_per_token: float  # 1 / prefill rate
+
+
+class _Version:
+    """The plan-time half of the model for one version's candidates."""
+
+    __slots__ = ("estimates", "typical_tokens", "fastest_s")
+
+    def __init__(self, candidates: Sequence[Candidate]):
+        readings = [c.reading if c.health == TRUSTED else None for c in candidates]
+        measured = [r for r in readings if r is not None and r.prefill_tokens_per_s > 0.0]
+        means = [r.prefill_tokens_mean for r in measured if r.prefill_tokens_mean > 0.0]
+        # The request the plan ranks for: the version's mean prompt (a request's size is a property
+        # of the request, so the same on every candidate).
+        self.typical_tokens = max(MIN_UNCACHED_TOKENS, sum(means) / len(means) if means else 0.0)
+        estimates: list[_Estimate | None] = []
+        for c, r in zip(candidates, readings, strict=True):
+            if r is None or r.prefill_tokens_per_s <= 0.0 or c.waiting is None:
+                estimates.append(None)
+                continue
+            s_per_token = 1.0 / r.prefill_tokens_per_s
+            queued = c.waiting * (r.prefill_tokens_mean if r.prefill_tokens_mean > 0.0 else self.typical_tokens)
+            estimates.append(_Estimate(queued * s_per_token + max(0.0, r.decode_step_s), s_per_token))
+        self.estimates = estimates
+        typical = [self.typical_s(e) for e in estimates if e is not None]
+        self.fastest_s = min(typical) if typical else 0.0  # 0: nothing measured
+
+    def typical_s(self, e: _Estimate) -> float:
+        return e.wait_s + self.typical_tokens * e.s_per_token
+
+
+class TTFTScorer:
+    """``fastest estimate / estimate`` of the time to first token (an in-flight kind and a
+    request scorer; see the module docstring)."""
+
+    name = "ttft"
+
+    def __init__(self, weight: float, cached_tokens: CachedTokens | None = None):
+        self.weight = weight
+        self.cached_tokens = cached_tokens
+
+    def static(self, ctx: FilterContext, candidates: list[Candidate]) -> None:
+        return None
+
+    def inflight(self, ctx: FilterContext, candidates: list[Candidate]) -> list[tuple[float, float]]:
+        # Neutral in the in-flight shape: NEUTRAL with nothing in flight, falling as requests are sent.
+        scale = ctx.scoring.saturation_queue
+        neutral = (scale, scale * (1.0 / NEUTRAL - 1.0))
+        version = _Version(candidates)
+        fastest = version.fastest_s
+        pairs = []
+        for e in version.estimates:
+            if e is None:
+                pairs.append(neutral)
+                continue
+            per_request_s = version.typical_tokens * e.s_per_token  # what one more request adds
+            pairs.append((fastest / per_request_s, (version.typical_s(e) - fastest) / per_request_s))
+        return pairs
+
+    def request(self, ctx: FilterContext, candidates: list[Candidate]) -> RequestTerm | None:
+        version = _Version(candidates)
+        if not version.fastest_s:
+            return None  # nothing measured: every candidate is neutral, whatever the request
+        # (address, estimate, the plan's score: the typical request's); an unmeasured candidate's
+        # score does not change with the request.
+        entries = [
+            (c.address, e, 0.0 if e is None else version.fastest_s / version.typical_s(e))
+            for c, e in zip(candidates, version.estimates, strict=True)
+        ]
+        addresses = tuple(c.address for c in candidates)
+        typical_tokens = version.typical_tokens
+        cached_tokens = self.cached_tokens
+
+        def term(request: SchedulingRequest) -> dict[str, float] | None:
+            cached = cached_tokens(request, addresses) if cached_tokens is not None and request.prefix_hashes else {}
+            if request.tokens <= 0 and not cached:
+                return None  # nothing beyond the typical request the plan ranked for
+            prompt = request.tokens if request.tokens > 0 else typical_tokens
+            times = {
+                address: e.wait_s + max(MIN_UNCACHED_TOKENS, prompt - cached.get(address, 0)) * e.s_per_token
+                for address, e, _ in entries
+                if e is not None
+            }
+            fastest = min(times.values())
+            changes = {
+                address: 0.0 if e is None else fastest / times[address] - planned for address, e, planned in entries
+            }
+            floor = min(changes.values())
+            return {address: min(1.0, change - floor) for address, change in changes.items() if change > floor}
+
+        return term
