@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.prefix.blocks import BlockConfig, block_hashes, token_block_hashes
-from extproc.prefix.index import PrefixIndex
+from extproc.prefix.index import IndexSettings, PrefixIndex, PrefixIndexes
 from extproc.prefix.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -312,6 +312,29 @@ def test_dropping_a_replica_forgets_it_and_frees_its_slot():
     assert index.match([1, 2], [B, C], now=0.0) == {B: 2, C: 0}
     index.retain([C])
     assert index.stats().replicas == 1 and index.stats().hashes == 1
+
+
+def test_record_tells_how_many_blocks_were_held_already():
+    index = _index(ttl_s=10.0)
+    assert index.record(A, [1, 2, 3], now=0.0) == 0
+    assert index.record(A, [1, 2, 4, 5], now=1.0) == 2  # the shared prefix
+    assert index.record(A, [1, 2], now=20.0) == 0  # expired: not held any more
+
+
+def test_one_index_per_distinct_settings_retained_and_summed_together():
+    indexes = PrefixIndexes()
+    short, long = IndexSettings(ttl_s=1.0), IndexSettings(ttl_s=100.0)
+    assert indexes.get(short) is indexes.get(IndexSettings(ttl_s=1.0)) is not indexes.get(long)
+    indexes.get(short).record(A, [1, 2], now=0.0)
+    indexes.get(long).record(B, [1, 2, 3], now=0.0)
+    indexes.get(long).record(C, [4], now=0.0)
+    stats = indexes.stats()
+    assert (stats.entries, stats.replicas, stats.max_entries) == (6, 3, 2 * IndexSettings().max_entries)
+    indexes.retain([A, B], now=5.0)  # C left the table; A's entries expired meanwhile
+    stats = indexes.stats()
+    assert (stats.entries, stats.replicas, stats.removed, stats.evicted_expired) == (3, 2, 1, 2)
+    with pytest.raises(ValueError):
+        IndexSettings(ttl_s=0.0)
 
 
 def test_remove_and_clear():

@@ -4,19 +4,22 @@
 ``blocks.block_hashes`` cuts it into chained block hashes, ``index.PrefixIndex`` remembers which
 replica holds which blocks (guessed from picks, or reported by the engine's KV events through
 ``kv_events.ReplicaFeed``) and tells, per candidate, how long a prefix it holds. Choosing with
-that (sticky until saturated) is the scorer's business. docs/prefix-affinity.md has the model.
+that (sticky until saturated) is the scorer's business
+(extproc/scheduler/scorers/prefix_affinity.py). docs/prefix-affinity.md has the model.
 """
 
 from extproc.prefix.blocks import DEFAULT_BLOCKS, BlockConfig, block_hashes, token_block_hashes
-from extproc.prefix.index import BlockKey, IndexStats, PrefixIndex
+from extproc.prefix.index import BlockKey, IndexSettings, IndexStats, PrefixIndex, PrefixIndexes
 from extproc.prefix.prompt import prompt_text
 
 __all__ = [
     "DEFAULT_BLOCKS",
     "BlockConfig",
     "BlockKey",
+    "IndexSettings",
     "IndexStats",
     "PrefixIndex",
+    "PrefixIndexes",
     "block_hashes",
     "prompt_text",
     "token_block_hashes",

@@ -25,13 +25,17 @@ share, and the others are trimmed at once (their LRU fronts evicted).
 
 Thread-safety: none, by design. The ext_proc runs one asyncio loop per worker process and
 every call here is synchronous, so no two calls interleave; each worker has its own index.
+
+``PrefixIndexes`` is one worker's set of indexes, one per distinct ``IndexSettings`` (a spec
+usually has one): the scheduler's ``Picker`` owns it, and the prefix-affinity scorers of its
+profiles share it, so an index outlives the profiles built on it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # A block key: our own hashes are ints; an engine's (vLLM ExternalBlockHash) may be bytes too.
 BlockKey = int | bytes
@@ -41,6 +45,10 @@ BlockKey = int | bytes
 # Measured with tracemalloc on 64-bit CPython 3.11 (docs/prefix-affinity.md).
 BYTES_PER_ENTRY = 112
 BYTES_PER_HASH = 48
+
+DEFAULT_TTL_S = 300.0
+DEFAULT_MAX_ENTRIES = 1 << 18  # the whole index: about 40 MB at most (docs/prefix-affinity.md)
+DEFAULT_MAX_ENTRIES_PER_REPLICA = 1 << 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +77,14 @@ class _Replica:
 class PrefixIndex:
     """Per-replica LRUs of block hashes with expiry and global bounds; see the module doc."""
 
-    def __init__(self, *, ttl_s: float = 300.0, max_entries: int = 1 << 18, max_entries_per_replica: int = 1 << 15):
-        if ttl_s <= 0 or max_entries < 0 or max_entries_per_replica < 0:
-            raise ValueError("ttl_s must be > 0 and the bounds >= 0")
+    def __init__(
+        self,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_entries_per_replica: int = DEFAULT_MAX_ENTRIES_PER_REPLICA,
+    ):
+        _check_bounds(ttl_s, max_entries, max_entries_per_replica)
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.max_entries_per_replica = max_entries_per_replica
@@ -136,14 +149,18 @@ class PrefixIndex:
 
     # ---- updates ---------------------------------------------------------------------------
 
-    def record(self, address: str, hashes: Sequence[BlockKey], now: float) -> None:
-        """Note that ``hashes`` (a prompt's chain, first block first) are now cached at ``address``."""
+    def record(self, address: str, hashes: Sequence[BlockKey], now: float) -> int:
+        """Note that ``hashes`` (a prompt's chain, first block first) are now cached at ``address``.
+
+        Returns how many of them it held already (unexpired): the blocks this request will
+        probably find cached there, since what a replica holds of a chain is a prefix of it."""
         replica = self._replica(address)
         now = self._expire(replica, now)
         blocks = replica.blocks
         owners = self._owners
         bit = replica.bit
         added = 0
+        held = len(hashes)
         # Last to first: the first block ends up most recent, so the tail is evicted first.
         for key in reversed(hashes):
             if key in blocks:
@@ -154,6 +171,7 @@ class PrefixIndex:
             blocks[key] = now
         self._entries += added
         self._evicted_lru += self._trim(replica, self.replica_cap())
+        return held - added
 
     def remove(self, address: str, hashes: Iterable[BlockKey]) -> int:
         """Forget ``hashes`` at ``address`` (an engine evicted them); returns how many were held."""
@@ -251,6 +269,55 @@ class PrefixIndex:
             self._owners[key] = mask
         else:
             self._owners.pop(key, None)
+
+
+def _check_bounds(ttl_s: float, max_entries: int, max_entries_per_replica: int) -> None:
+    if not ttl_s > 0 or max_entries < 0 or max_entries_per_replica < 0:
+        raise ValueError("ttl_s must be > 0 and the bounds >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSettings:
+    """An index's expiry and bounds (``PrefixIndex``'s keyword arguments), hashable."""
+
+    ttl_s: float = DEFAULT_TTL_S
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    max_entries_per_replica: int = DEFAULT_MAX_ENTRIES_PER_REPLICA
+
+    def __post_init__(self) -> None:
+        _check_bounds(self.ttl_s, self.max_entries, self.max_entries_per_replica)
+
+
+class PrefixIndexes:
+    """One process's prefix indexes, one per distinct ``IndexSettings``, created on first use.
+
+    ``retain`` forgets, in every index, the replicas a new routing table lacks (and sweeps their
+    expired entries, so an index no profile uses any more empties within ``ttl_s``); ``stats`` is
+    their sum. The index count is bounded by the distinct settings a spec names.
+    """
+
+    def __init__(self) -> None:
+        self._indexes: dict[IndexSettings, PrefixIndex] = {}
+
+    def get(self, settings: IndexSettings) -> PrefixIndex:
+        index = self._indexes.get(settings)
+        if index is None:
+            index = self._indexes[settings] = PrefixIndex(
+                ttl_s=settings.ttl_s,
+                max_entries=settings.max_entries,
+                max_entries_per_replica=settings.max_entries_per_replica,
+            )
+        return index
+
+    def retain(self, addresses: Iterable[str], now: float) -> None:
+        keep = set(addresses)
+        for index in self._indexes.values():
+            index.retain(keep)
+            index.expire(now)
+
+    def stats(self) -> IndexStats:
+        parts = [index.stats() for index in self._indexes.values()]
+        return IndexStats(*(sum(getattr(p, f.name) for p in parts) for f in fields(IndexStats)))
 
 
 def _settle(result: dict[str, int], by_bit: dict[int, str], mask: int, depth: int) -> None:
