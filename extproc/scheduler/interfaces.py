@@ -16,9 +16,13 @@ selector and the request scorers' terms run per request, so those must be cheap.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from extproc.scheduler.candidates import Candidate, FilterContext
+
+if TYPE_CHECKING:
+    from extproc.prefix.index import PrefixIndexes
+    from extproc.scheduler.results import Pick
 
 # One compiled candidate: ``(address, idle, a1, d1, a2, d2)``, its score with ``n`` requests in
 # flight being ``a1/(d1+n) + a2/(d2+n)`` (``idle`` at n = 0); a profile with more than two distinct
@@ -86,10 +90,31 @@ class RequestScorer(Scorer, Protocol):
 
     ``request`` runs once per plan and returns the per-request term (or None to abstain for this
     plan): whatever can be prepared from the candidates is prepared there, so the term itself is a
-    few lookups. The profile adds ``weight * score`` to the candidate's score, undiscounted.
+    few lookups. The profile adds ``weight * score`` to the candidate's score, discounted by the
+    work outstanding there as static scores are (``S / (S + waiting + n)``), so that what a replica
+    holds (a prefix, an adapter) wins it the requests only while it is not much busier than its peers.
     """
 
     def request(self, ctx: FilterContext, candidates: list[Candidate]) -> RequestTerm | None: ...
+
+
+@runtime_checkable
+class PromptScorer(RequestScorer, Protocol):
+    """A request scorer that reads the prompt (prefix affinity); a profile has at most one.
+
+    For a model whose profile has one, and only then, the servicer reads the request body, fills
+    ``SchedulingRequest.prefix_hashes`` with ``prefix_hashes(body)`` and, after the pick, calls
+    ``record`` with the pick. Its state is the process's: the ``Picker`` ``bind``s it to its
+    ``PrefixIndexes`` when it builds the profile, so the state outlives the profile.
+    """
+
+    def bind(self, indexes: PrefixIndexes) -> None: ...
+
+    def prefix_hashes(self, body: object) -> tuple[int, ...]: ...
+
+    def record(self, pick: Pick, hashes: tuple[int, ...], now: float) -> float:
+        """Note where the request went; returns the blocks it probably found cached there."""
+        ...
 
 
 class Selector(Protocol):

@@ -5,6 +5,10 @@ and drops the cache when either is replaced. Each model is planned by its profil
 own ``scheduling`` in the routing table, else the table's, else the default profile; one
 ``SchedulerProfile`` is built per distinct profile and kept across tables. It holds no lock: the
 worst a race can do is build a plan twice.
+
+It also owns the process's scheduler state that outlives profiles: ``prefix``, the prefix
+indexes the prefix-affinity scorers read and the servicer records picks into; a new routing
+table drops the replicas it lacks from them.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
+from extproc.prefix.index import PrefixIndexes
 from extproc.routing_view import LoadView, ModelView, PriorityView, ProfileView, RoutingView, ScoringView
-from extproc.scheduler.interfaces import PluginTimer, SchedulingRequest
+from extproc.scheduler.interfaces import PluginTimer, PromptScorer, SchedulingRequest
 from extproc.scheduler.profile import INF, Plan, SchedulerProfile, build_profile, default_profile
 from extproc.scheduler.registry import UnknownPlugin
 from extproc.scheduler.results import NotFound, PickResult, Refusal, TooLarge
@@ -35,7 +40,19 @@ class Picker:
     scoring. ``timer``: where plugin and ranking times go (None: not measured).
     """
 
-    __slots__ = ("_factory", "_routing", "_load", "_profile", "_profiles", "_plans", "_turn", "_timer", "_rank_timer")
+    __slots__ = (
+        "_factory",
+        "_routing",
+        "_load",
+        "_profile",
+        "_profiles",
+        "_plans",
+        "_turn",
+        "_timer",
+        "_rank_timer",
+        "_prompt_scorers",
+        "prefix",
+    )
 
     def __init__(
         self,
@@ -48,6 +65,8 @@ class Picker:
         self._profile: SchedulerProfile | None = None
         self._profiles: dict[tuple, SchedulerProfile] = {}  # (profile view, scoring key) -> built
         self._plans: dict = {}
+        self._prompt_scorers: dict[str, PromptScorer | None] = {}  # model -> its profile's, this table
+        self.prefix = PrefixIndexes()
         self._timer = timer
         self._rank_timer = timer.rank_timer() if timer is not None else None
         # Random start: several ext_proc processes must not all send their first picks alike.
@@ -75,14 +94,42 @@ class Picker:
             profile = self._profiles[key] = self._build(view, routing.scoring)
         return profile
 
+    def prompt_scorer(self, routing: RoutingView, model: str) -> PromptScorer | None:
+        """The prompt scorer of the model's profile (prefix affinity), None when it has none or the
+        model is unknown: the servicer reads the body and hashes the prompt only for the former.
+        One dict lookup per request, cached per routing table."""
+        if routing is not self._routing:
+            self._see(routing)
+        scorers = self._prompt_scorers
+        if model in scorers:
+            return scorers[model]
+        m = routing.models.get(model)
+        if m is None:
+            return None  # not cached: the names clients send are unbounded
+        scorer = scorers[model] = self.profile_for(routing, m).prompt_scorer
+        return scorer
+
+    def _see(self, routing: RoutingView) -> None:
+        """A new routing table: its default profile, no plans, and the replicas it lacks forgotten."""
+        self._profile = self._bind(self._factory(routing.scoring))
+        self._plans = {}
+        self._prompt_scorers = {}
+        self._routing = routing
+        self.prefix.retain(routing.endpoints, time.monotonic())
+
     def _build(self, view: ProfileView, scoring: ScoringView) -> SchedulerProfile:
         try:
-            return build_profile(view, scoring)
+            return self._bind(build_profile(view, scoring))
         except (UnknownPlugin, TypeError, ValueError) as error:
             # A control plane newer than this process (a plugin it lacks), or bad parameters: route
             # on the default profile rather than fail every request.
             log.error("scheduling profile %s unusable (%s); using the default profile", view, error)
-            return self._factory(scoring)
+            return self._bind(self._factory(scoring))
+
+    def _bind(self, profile: SchedulerProfile) -> SchedulerProfile:
+        if profile.prompt_scorer is not None:
+            profile.prompt_scorer.bind(self.prefix)
+        return profile
 
     def plan(
         self,
@@ -96,11 +143,10 @@ class Picker:
         """The cached plan for (model, priority, version); built when missing or expired."""
         if now is None:
             now = time.monotonic()
-        if routing is not self._routing or load is not self._load:
-            if routing is not self._routing:
-                self._profile = self._factory(routing.scoring)
+        if routing is not self._routing:
+            self._see(routing)
+        if load is not self._load:
             self._plans = {}
-            self._routing = routing
             self._load = load
         key = (model.name, priority.name, version)
         plan = self._plans.get(key)

@@ -9,7 +9,8 @@ Work is split by what it depends on:
   ``a1/(d1+n) + a2/(d2+n)`` (queue and headroom over the outstanding work, and in-flight). Request
   scorers leave a per-request term beside them. Each plugin's time here is reported to a timer;
 * ``SchedulerProfile.rank`` (per request): rotates each version's entries by the turn, adds the
-  request scorers' terms when there are any, and lets the selector keep the best few per version.
+  request scorers' terms when there are any (discounted by the work outstanding, as static scores
+  are), and lets the selector keep the best few per version.
 
 Profiles come from the routing table's ``scheduling`` (``build_profile``, plugins by registry name)
 or, without one, are today's (``default_profile``, weights from the table's ``scoring``).
@@ -26,6 +27,7 @@ from extproc.scheduler.candidates import Candidate, FilterContext
 from extproc.scheduler.interfaces import (
     Filter,
     PluginTimer,
+    PromptScorer,
     RequestScorer,
     RequestTerm,
     SchedulingRequest,
@@ -44,12 +46,19 @@ _clock = time.perf_counter_ns
 
 
 class Group:
-    """One version's compiled candidates, and its request scorers' terms."""
+    """One version's compiled candidates, and its request scorers' terms with what discounts them:
+    ``scale`` (S, saturation_queue) and ``backlog`` (address -> S + waiting)."""
 
-    __slots__ = ("version", "cluster", "share", "entries", "entries2", "size", "extended", "terms")
+    __slots__ = ("version", "cluster", "share", "entries", "entries2", "size", "extended", "terms", "scale", "backlog")
 
     def __init__(
-        self, version: VersionView, share: float, entries: tuple, terms: tuple[tuple[float, RequestTerm], ...] = ()
+        self,
+        version: VersionView,
+        share: float,
+        entries: tuple,
+        terms: tuple[tuple[float, RequestTerm], ...] = (),
+        scale: float = 1.0,
+        backlog: Mapping[str, float] | None = None,
     ):
         self.extended = len(entries[0]) > 6  # more than two in-flight terms
         self.version = version.name
@@ -59,6 +68,8 @@ class Group:
         self.entries2 = entries + entries  # a rotation is one slice, no modulo per element
         self.size = len(entries)
         self.terms = terms  # (weight, term) per request scorer that had something to prepare
+        self.scale = scale
+        self.backlog: Mapping[str, float] = backlog or {}
 
 
 class Plan:
@@ -100,10 +111,11 @@ class SchedulerProfile:
 
     ``filters``: ``interfaces.Filter``s, in order; the shed decision uses the counts a
     ``count-saturation`` among them collected. ``scorers``: ``interfaces.Scorer``s (those with
-    weight 0 are left out); a ``RequestScorer`` among them also rates each request.
+    weight 0 are left out); a ``RequestScorer`` among them also rates each request, and a
+    ``PromptScorer`` (``prompt_scorer``, at most one) needs the request's prompt for that.
     """
 
-    __slots__ = ("filters", "scorers", "hosts_per_version", "selector", "_request_scorers")
+    __slots__ = ("filters", "scorers", "hosts_per_version", "selector", "prompt_scorer", "_request_scorers")
 
     def __init__(
         self,
@@ -119,6 +131,15 @@ class SchedulerProfile:
         self.hosts_per_version = hosts_per_version
         self.selector: Selector = selector if selector is not None else MaxScore()
         self._request_scorers = tuple(s if isinstance(s, RequestScorer) else None for s in self.scorers)
+        prompt_scorers = [s for s in self.scorers if isinstance(s, PromptScorer)]
+        if len(prompt_scorers) > 1:
+            raise ValueError(f"a profile takes one prompt scorer, got {[s.name for s in prompt_scorers]}")
+        self.prompt_scorer: PromptScorer | None = prompt_scorers[0] if prompt_scorers else None
+
+    @property
+    def needs_prompt(self) -> bool:
+        """Whether ranking uses the request's prompt: the servicer reads the body only then."""
+        return self.prompt_scorer is not None
 
     def __repr__(self) -> str:
         scorers = ", ".join(f"{s.name}={s.weight:g}" for s in self.scorers)
@@ -202,7 +223,9 @@ class SchedulerProfile:
         for v, candidates in routable:
             share = 1.0 if plan.version is not None else v.weight / total_weight
             entries, terms = self._compile(ctx, candidates, scorer_ns)
-            groups.append(Group(v, share, entries, terms))
+            scale = routing.scoring.saturation_queue
+            backlog = {c.address: scale + (c.waiting or 0.0) for c in candidates} if terms else None
+            groups.append(Group(v, share, entries, terms, scale, backlog))
             if v.context_window and v.context_window < plan.min_window:
                 plan.min_window = v.context_window
         plan.groups = tuple(groups)
@@ -220,7 +243,9 @@ class SchedulerProfile:
         queued or sent since the reading. Without the discount an idle replica's KV advantage would
         never be used up and it would take every request until the next report. Terms with the
         same denominator are merged, so the default profile needs two: ``S + waiting`` (queue and
-        headroom) and ``C`` (in-flight). Request scorers' terms come back beside the entries.
+        headroom) and ``C`` (in-flight). Request scorers' terms come back beside the entries; rank
+        discounts them the same way, for the same reason: a replica holding a request's prefix or
+        adapter would otherwise take every such request until the next report.
         """
         count = len(candidates)
         static = [0.0] * count
@@ -284,7 +309,7 @@ class SchedulerProfile:
             size = g.size
             off = turn % size
             seq = g.entries2[off : off + size] if off else g.entries
-            bonus = _bonus(g.terms, request) if g.terms and request is not None else None
+            bonus = _bonus(g, request, inflight) if g.terms and request is not None else None
             top = select(seq, inflight, k, bonus)
             by_version[g.version] = top[0]
             primaries.append((top[0], g.share))
@@ -302,15 +327,19 @@ class SchedulerProfile:
         return Pick(plan.model, hosts, by_version, tuple(primaries), plan.version, plan.cluster)
 
 
-def _bonus(terms: tuple[tuple[float, RequestTerm], ...], request: SchedulingRequest) -> dict[str, float] | None:
-    """address -> the request scorers' weighted sum for this request; None when none rated anyone."""
+def _bonus(group: Group, request: SchedulingRequest, inflight: Mapping[str, float]) -> dict[str, float] | None:
+    """address -> the request scorers' weighted sum for this request, discounted by
+    ``S / (S + waiting + n)`` as static scores are; None when none rated anyone."""
     bonus: dict[str, float] = {}
-    for weight, term in terms:
+    for weight, term in group.terms:
         scores = term(request)
         if scores:
             for address, s in scores.items():
                 bonus[address] = bonus.get(address, 0.0) + weight * s
-    return bonus or None
+    if not bonus:
+        return None
+    scale, backlog, get = group.scale, group.backlog, inflight.get
+    return {a: b * scale / (backlog.get(a, scale) + get(a, 0.0)) for a, b in bonus.items()}
 
 
 # ----------------------------------------------------------------------------- composition

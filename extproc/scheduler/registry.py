@@ -45,6 +45,10 @@ SCORERS: dict[str, Plugin] = {
     "latency": Plugin("extproc.scheduler.scorers.latency:LatencyScorer"),
     "ttft": Plugin("extproc.scheduler.scorers.ttft:TTFTScorer"),
     "gpu-util": Plugin("extproc.scheduler.scorers.gpu:GpuUtilScorer"),
+    "prefix-affinity": Plugin(
+        "extproc.scheduler.scorers.prefix_affinity:PrefixAffinityScorer",
+        params=("block_chars", "max_blocks", "ttl_s", "max_entries", "max_entries_per_replica"),
+    ),
 }
 
 # Today's filter chain, the default profile's: drained -> tier preference -> freshness -> (shed
