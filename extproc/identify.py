@@ -14,6 +14,12 @@ Order of evidence (docs/contracts.md, "Model identity"):
      format read by hand, no generated classes, no full decode of the tensors).
    ``parse_request_body(kind, body, max_bytes)`` dispatches on the kind.
 
+The body is also read, with the model already named, when the model's scheduling profile ranks on
+the prompt (prefix affinity, docs/prefix-affinity.md) and the request is a POST to an endpoint
+whose body carries one (``carries_prompt``): the servicer then sets ``body_kind`` to
+``PROMPT_BODY``, and ``parse_prompt_body`` reads it leniently (a body it cannot read costs the
+request its affinity, never an error: the model is known already).
+
 Priority comes from header ``x-priority``. An unknown class name is *not* an error: it falls back
 to the mesh's default priority (``RoutingView.priority``). A typo in a client's header should
 not turn into failed requests, and the header cannot grant anything: the class only orders work.
@@ -40,6 +46,10 @@ BODY_MODEL_PATHS = frozenset(
         "/v1/responses",
     }
 )
+# POST endpoints whose body carries a prompt that prefix affinity can read (prefix/prompt.py).
+PROMPT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Identity.body_kind when the model is named and the body is read only for its prompt.
+PROMPT_BODY = "prompt"
 # KServe v2 gRPC: unary inference only (a stream's body cannot be buffered before routing).
 KSERVE_GRPC_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 _MODELS_PREFIX = MODELS_LIST_PATH + "/"
@@ -73,7 +83,7 @@ class Identity:
         self.requested_version: str | None = None
         self.priority: str | None = priority
         self.path: str = path
-        self.body_kind: str | None = body_kind  # None | "openai" | "kserve-grpc"
+        self.body_kind: str | None = body_kind  # None | "openai" | "kserve-grpc" | PROMPT_BODY
         self.models_query: str | None = models_query
 
     @property
@@ -90,14 +100,16 @@ class Identity:
 class BodyInfo:
     """What a parsed body says: the model, a version it pins (KServe gRPC ``model_version``; None
     otherwise) and an estimate of the tokens it asks for (prompt chars / 4 plus
-    ``max_tokens``/``max_completion_tokens``; 0 when nothing says)."""
+    ``max_tokens``/``max_completion_tokens``; 0 when nothing says). ``doc``: the parsed JSON
+    object (None for KServe gRPC), for the prompt's prefix."""
 
-    __slots__ = ("model", "tokens", "version")
+    __slots__ = ("model", "tokens", "version", "doc")
 
-    def __init__(self, model: str, tokens: int, version: str | None = None):
+    def __init__(self, model: str, tokens: int, version: str | None = None, doc: dict | None = None):
         self.model = model
         self.tokens = tokens
         self.version = version
+        self.doc = doc
 
     def __repr__(self) -> str:
         return f"BodyInfo(model={self.model!r}, tokens={self.tokens}, version={self.version!r})"
@@ -133,6 +145,11 @@ def needs_body(method: str, path: str) -> bool:
     the body of a KServe gRPC ModelInfer: see ``Identity.body_kind``).
     """
     return method == "POST" and _strip_query(path) in BODY_MODEL_PATHS
+
+
+def carries_prompt(method: str | None, path: str) -> bool:
+    """True for a POST to an endpoint whose JSON body carries a prompt (``PROMPT_PATHS``)."""
+    return method == "POST" and _strip_query(path) in PROMPT_PATHS
 
 
 def identify(headers: Mapping[str, str]) -> Identity:
@@ -195,7 +212,19 @@ def parse_body(body: bytes, max_bytes: int = 0) -> BodyInfo:
             'missing model: the request body has no "model" string '
             f'(name the model in "model" or in {MODEL_ID_HEADER})',
         )
-    return BodyInfo(model, estimate_tokens(doc))
+    return BodyInfo(model, estimate_tokens(doc), doc=doc)
+
+
+def parse_prompt_body(body: bytes, max_bytes: int = 0) -> dict | None:
+    """The JSON object of a body read only for its prompt, or None when it is not one (or is larger
+    than ``max_bytes``, > 0): never an error, the model is named elsewhere."""
+    if not body or (max_bytes and len(body) > max_bytes):
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, absurd nesting
+        return None
+    return doc if type(doc) is dict else None
 
 
 def model_from_body(body: bytes) -> str:

@@ -1,10 +1,16 @@
 """The ext_proc gRPC servicer: one bidirectional stream per HTTP request, inside Envoy's data path.
 
-Per request: identify the model (headers first; the body only when nothing else names it),
-pick replicas from live load, and answer with the route headers plus the ranked host list in
+Per request: identify the model (headers first; the body only when nothing else names it, or
+when the model's scheduling profile ranks on the prompt: prefix affinity), pick replicas from live
+load, and answer with the route headers plus the ranked host list in
 ``envoy.lb`` dynamic metadata. Refusals (unknown model, shed, too large) are immediate responses
 in the JSON error envelope. Until the first routing table arrives, requests pass through
 untouched and Envoy routes them on its own (fail-open), as it does when this process is down.
+
+Prefix affinity (docs/prefix-affinity.md): for a model whose profile has a prompt scorer, and
+only then, the prompt is rendered and hashed into ``SchedulingRequest.prefix_hashes``, and after
+the pick the scorer records where the request went (the primary of each routed version) in the
+process's prefix index. Other requests read no body and hash nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from extproc.errors import RequestError, body_too_large, model_not_found
-from extproc.identify import Identity, identify, parse_request_body
+from extproc.identify import PROMPT_BODY, Identity, carries_prompt, identify, parse_prompt_body, parse_request_body
 from extproc.mesh_view import MeshView
 from extproc.responses import (
     CONTINUE_BODY,
@@ -30,6 +36,7 @@ from extproc.responses import (
     routed,
 )
 from extproc.routing_view import RoutingView
+from extproc.scheduler.interfaces import PromptScorer, SchedulingRequest
 from extproc.scheduler.picker import Picker
 from extproc.scheduler.results import Pick
 from extproc.telemetry import ExtprocMetrics, TokenMeter, TokenSampler, note_model
@@ -89,6 +96,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if identity.models_query is not None:
             return identity, self._models_response(routing, identity.models_query)
         if identity.model is not None:
+            if not message.end_of_stream and self._reads_prompt(routing, identity, headers):
+                identity.body_kind = PROMPT_BODY
+                return identity, SEND_BODY
             return identity, self._route(
                 routing,
                 identity.model,
@@ -113,6 +123,17 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         kind = identity.body_kind if identity is not None else None  # None: no body was asked for
         if identity is None or routing is None or kind is None:
             return CONTINUE_BODY
+        if kind == PROMPT_BODY and identity.model is not None:  # named in the headers; read for its prompt
+            return self._route(
+                routing,
+                identity.model,
+                identity.version,
+                identity.priority,
+                0,
+                body_phase=True,
+                requested=identity.requested_version,
+                doc=parse_prompt_body(body, routing.max_body_bytes),
+            )
         try:
             info = parse_request_body(kind, body, routing.max_body_bytes)
         except RequestError as error:
@@ -126,7 +147,20 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             info.tokens,
             body_phase=True,
             requested=identity.requested_version,
+            doc=info.doc,
         )
+
+    def _reads_prompt(self, routing: RoutingView, identity: Identity, headers: dict[str, str]) -> bool:
+        """Whether to read the body of a request whose headers name the model, for its prompt: only
+        on an endpoint whose body carries one, for a model whose profile ranks on it, and within
+        the body limit (a larger body is routed on its headers alone, as without affinity)."""
+        if identity.model is None or not carries_prompt(headers.get(":method"), identity.path):
+            return False
+        if self._picker.prompt_scorer(routing, identity.model) is None:
+            return False
+        length = headers.get("content-length")
+        limit = routing.max_body_bytes
+        return not (limit and length is not None and length.isdigit() and int(length) > limit)
 
     # ------------------------------------------------------------ decisions
 
@@ -139,7 +173,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         tokens: int,
         body_phase: bool,
         requested: str | None = None,
+        doc: dict | None = None,
     ) -> ext.ProcessingResponse:
+        """``doc``: the parsed JSON body, when one was read (its prompt, for a prompt scorer)."""
         view = self._view
         if requested is not None and version is None:
             # A forced version (A/B testing) only where the spec allows it; elsewhere the header is
@@ -147,14 +183,26 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             m = routing.model(model)
             if m is not None and m.allow_version_override:
                 version = requested
+        prompt: PromptScorer | None = None
+        request: SchedulingRequest | None = None
+        if doc is not None:
+            prompt = self._picker.prompt_scorer(routing, model)
+            if prompt is not None:
+                hashes = prompt.prefix_hashes(doc)
+                if hashes:
+                    request = SchedulingRequest(tokens, hashes)
         result = self._picker.pick(
-            routing, view.load, model, priority, view.recent_picks, version=version, tokens=tokens
+            routing, view.load, model, priority, view.recent_picks, version=version, tokens=tokens, request=request
         )
         if not isinstance(result, Pick):
             self._metrics.refused(routing, model, priority, result.code)
             return note_model(immediate(result.error()), model)  # the access log's model for it
         self._metrics.picked(routing, result.model, priority)
         view.note_pick(result.primaries)
+        if prompt is not None and request is not None:
+            hashes = request.prefix_hashes
+            held = prompt.record(result, hashes, time.monotonic())
+            self._metrics.prefix_routed(len(hashes), held, self._picker.prefix.stats)
         if result.version is not None:
             common = route_mutation(result.model, result.version)
         else:

@@ -11,6 +11,11 @@ Scheduler plugins: each plugin's work per plan (filters, scorers) is one observa
 per-request ranking is one series of it (``plugin="rank"``), not one per plugin, so a request pays
 two clock reads and one observation for it (docs/scheduler.md).
 
+Prefix affinity (docs/prefix-affinity.md): per request routed with it, the prompt's blocks and
+the blocks the chosen replica already held by the index (counters: their ratio is the predicted
+prefix-cache hit ratio); and the process's prefix indexes (entries, approximate bytes, evictions
+by reason), published with the request that changed them, so several workers' sum is the whole.
+
 Output tokens: Envoy's access log cannot see a response's ``usage``, so on a sampled fraction of
 generation requests (every Nth) the ext_proc asks Envoy for the response body too
 (``mode_override``, STREAMED, so streams keep streaming), counts the tokens (``usage`` when the
@@ -28,11 +33,12 @@ from collections.abc import Callable
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from extproc.mesh_view import MeshView
+from extproc.prefix.index import IndexStats
 from extproc.routing_view import RoutingView
 from protos.wire import TELEMETRY_METADATA_NAMESPACE, TELEMETRY_MODEL_KEY, TELEMETRY_OUTPUT_TOKENS_KEY
 
@@ -40,6 +46,7 @@ DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 
 PLUGIN_BUCKETS = (1e-6, 2.5e-6, 5e-6, *DECISION_BUCKETS)  # a filter over a few replicas takes a microsecond
 RANK_PLUGIN, RANK_EXTENSION_POINT = "rank", "pick"  # the per-request ranking's series
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+EVICTION_REASONS = ("lru", "expired", "removed")  # IndexStats' evicted_lru, evicted_expired, removed
 MAX_BUFFERED_BODY = 1 << 20  # an unstreamed body larger than this is not counted (a JSON object, not a stream)
 
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
@@ -84,6 +91,37 @@ class ExtprocMetrics:
             registry=registry,
         )
         self._plugin_children: dict[tuple[str, str], Histogram] = {}
+        self._prefix_blocks = Counter(
+            "imesh_extproc_prefix_blocks",
+            "Prompt blocks of the requests routed with prefix affinity.",
+            registry=registry,
+        )
+        self._prefix_hit_blocks = Counter(
+            "imesh_extproc_prefix_hit_blocks",
+            "Of those blocks, the ones the chosen replica already held by the prefix index (predicted cache hits).",
+            registry=registry,
+        )
+        # livesum: with several workers, each worker's index is its own; their sum is the memory.
+        self._index_entries = Gauge(
+            "imesh_extproc_prefix_index_entries",
+            "Block entries in this process's prefix indexes.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._index_bytes = Gauge(
+            "imesh_extproc_prefix_index_bytes",
+            "Approximate memory of this process's prefix indexes.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        evictions = Counter(
+            "imesh_extproc_prefix_index_evictions",
+            "Prefix index entries dropped: lru (over the bounds), expired (ttl), removed (replica gone or engine).",
+            ("reason",),
+            registry=registry,
+        )
+        self._evictions = tuple(evictions.labels(reason) for reason in EVICTION_REASONS)
+        self._evicted = (0, 0, 0)  # the index totals last published
         self._phases: dict[str | None, Histogram] = {}
         # Raw (model, priority) as the request named them -> pre-bound child, for the current routing
         # table only (a table change can turn a model into "other"); cleared if clients send junk.
@@ -145,6 +183,23 @@ class ExtprocMetrics:
         if not self.enabled:
             return None
         return self._plugin_seconds.labels(RANK_PLUGIN, RANK_EXTENSION_POINT).observe
+
+    def prefix_routed(self, blocks: int, held: float, stats: Callable[[], IndexStats]) -> None:
+        """One request routed with prefix affinity: its prompt blocks, those the pick probably finds
+        cached, and the indexes' state after recording it (``stats``, read only when enabled)."""
+        if not self.enabled:
+            return
+        self._prefix_blocks.inc(blocks)
+        if held:
+            self._prefix_hit_blocks.inc(held)
+        now = stats()
+        self._index_entries.set(now.entries)
+        self._index_bytes.set(now.approx_bytes)
+        evicted = (now.evicted_lru, now.evicted_expired, now.removed)
+        for child, total, before in zip(self._evictions, evicted, self._evicted, strict=True):
+            if total > before:
+                child.inc(total - before)
+        self._evicted = evicted
 
     def token_sample(self) -> None:
         if self.enabled:
