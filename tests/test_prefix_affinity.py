@@ -227,7 +227,7 @@ def test_one_tenant_spreads_once_its_replica_has_more_in_flight_than_the_bonus_i
         primary = pick(picker, routing, lv, inflight=inflight).primary
         inflight[primary] += 1
         served[primary] += 1
-    assert served.most_common(1)[0][0] == addr(1)
+    assert served[addr(1)] > max(served[addr(2)], served[addr(3)]), served  # the holder takes the most
     assert set(served) == {addr(1), addr(2), addr(3)}, served  # but not all of them
     assert served[addr(1)] - max(served[addr(2)], served[addr(3)]) <= 4, served
 
