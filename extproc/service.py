@@ -200,9 +200,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         self._metrics.picked(routing, result.model, priority)
         view.note_pick(result.primaries)
         if prompt is not None and request is not None:
-            hashes = request.prefix_hashes
-            held = prompt.record(result, hashes, time.monotonic())
-            self._metrics.prefix_routed(len(hashes), held, self._picker.prefix.stats)
+            hashes, now = request.prefix_hashes, time.monotonic()
+            held = prompt.record(result, hashes, now)
+            self._metrics.prefix_routed(len(hashes), held, self._picker.prefix.stats, now)
         if result.version is not None:
             common = route_mutation(result.model, result.version)
         else:

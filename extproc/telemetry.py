@@ -14,7 +14,8 @@ two clock reads and one observation for it (docs/scheduler.md).
 Prefix affinity (docs/prefix-affinity.md): per request routed with it, the prompt's blocks and
 the blocks the chosen replica already held by the index (counters: their ratio is the predicted
 prefix-cache hit ratio); and the process's prefix indexes (entries, approximate bytes, evictions
-by reason), published with the request that changed them, so several workers' sum is the whole.
+by reason), published by the requests that change them at most once per ``INDEX_PUBLISH_S``
+(reading the indexes costs more than the rest of the metrics), as series that several workers sum.
 
 Output tokens: Envoy's access log cannot see a response's ``usage``, so on a sampled fraction of
 generation requests (every Nth) the ext_proc asks Envoy for the response body too
@@ -46,6 +47,7 @@ DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 
 PLUGIN_BUCKETS = (1e-6, 2.5e-6, 5e-6, *DECISION_BUCKETS)  # a filter over a few replicas takes a microsecond
 RANK_PLUGIN, RANK_EXTENSION_POINT = "rank", "pick"  # the per-request ranking's series
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+INDEX_PUBLISH_S = 1.0  # how stale the prefix index gauges may be
 EVICTION_REASONS = ("lru", "expired", "removed")  # IndexStats' evicted_lru, evicted_expired, removed
 MAX_BUFFERED_BODY = 1 << 20  # an unstreamed body larger than this is not counted (a JSON object, not a stream)
 
@@ -56,7 +58,12 @@ CONTINUE_RESPONSE_BODY = ext.ProcessingResponse(response_body=ext.BodyResponse()
 class ExtprocMetrics:
     """The ext_proc's Prometheus series. ``enabled=False`` makes every call a no-op (unit tests)."""
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY, enabled: bool = True):
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = REGISTRY,
+        enabled: bool = True,
+        index_publish_s: float = INDEX_PUBLISH_S,
+    ):
         self.enabled = enabled and registry is not None
         if not self.enabled:
             return
@@ -122,6 +129,8 @@ class ExtprocMetrics:
         )
         self._evictions = tuple(evictions.labels(reason) for reason in EVICTION_REASONS)
         self._evicted = (0, 0, 0)  # the index totals last published
+        self._index_publish_s = index_publish_s
+        self._index_published_at = -math.inf
         self._phases: dict[str | None, Histogram] = {}
         # Raw (model, priority) as the request named them -> pre-bound child, for the current routing
         # table only (a table change can turn a model into "other"); cleared if clients send junk.
@@ -184,18 +193,23 @@ class ExtprocMetrics:
             return None
         return self._plugin_seconds.labels(RANK_PLUGIN, RANK_EXTENSION_POINT).observe
 
-    def prefix_routed(self, blocks: int, held: float, stats: Callable[[], IndexStats]) -> None:
-        """One request routed with prefix affinity: its prompt blocks, those the pick probably finds
-        cached, and the indexes' state after recording it (``stats``, read only when enabled)."""
+    def prefix_routed(self, blocks: int, held: float, stats: Callable[[], IndexStats], now: float) -> None:
+        """One request routed with prefix affinity at ``now`` (monotonic): its prompt blocks, those
+        the pick probably finds cached, and the indexes' state after recording it (``stats``, read
+        at most once per ``index_publish_s``)."""
         if not self.enabled:
             return
         self._prefix_blocks.inc(blocks)
         if held:
             self._prefix_hit_blocks.inc(held)
-        now = stats()
-        self._index_entries.set(now.entries)
-        self._index_bytes.set(now.approx_bytes)
-        evicted = (now.evicted_lru, now.evicted_expired, now.removed)
+        if now - self._index_published_at >= self._index_publish_s:
+            self._index_published_at = now
+            self._publish_index(stats())
+
+    def _publish_index(self, stats: IndexStats) -> None:
+        self._index_entries.set(stats.entries)
+        self._index_bytes.set(stats.approx_bytes)
+        evicted = (stats.evicted_lru, stats.evicted_expired, stats.removed)
         for child, total, before in zip(self._evictions, evicted, self._evicted, strict=True):
             if total > before:
                 child.inc(total - before)

@@ -317,6 +317,8 @@ class PrefixIndexes:
 
     def stats(self) -> IndexStats:
         parts = [index.stats() for index in self._indexes.values()]
+        if len(parts) == 1:
+            return parts[0]
         return IndexStats(*(sum(getattr(p, f.name) for p in parts) for f in fields(IndexStats)))
 
 
