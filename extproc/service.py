@@ -24,7 +24,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from extproc.errors import RequestError, body_too_large, model_not_found
-from extproc.identify import PROMPT_BODY, Identity, carries_prompt, identify, parse_prompt_body, parse_request_body
+from extproc.identify import (
+    PROMPT_BODY,
+    Identity,
+    carries_prompt,
+    estimate_tokens,
+    identify,
+    parse_prompt_body,
+    parse_request_body,
+)
 from extproc.mesh_view import MeshView
 from extproc.responses import (
     CONTINUE_BODY,
@@ -190,7 +198,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             if prompt is not None:
                 hashes = prompt.prefix_hashes(doc)
                 if hashes:
-                    request = SchedulingRequest(tokens, hashes)
+                    # A header-named request's pick keeps tokens 0 (no context-window check, as
+                    # before); the scorers still learn its size.
+                    request = SchedulingRequest(tokens or estimate_tokens(doc), hashes)
         result = self._picker.pick(
             routing, view.load, model, priority, view.recent_picks, version=version, tokens=tokens, request=request
         )

@@ -136,8 +136,8 @@ def test_a_candidate_scores_the_fraction_of_the_request_blocks_it_holds_times_it
     cached_on(picker, routing, 3, PROMPT[1:])  # no first block: nothing usable
     lv = load(e1={}, e2={"waiting": 1}, e3={})
     plan = picker.plan(routing, lv, routing.model("m"), routing.priority(None), now=NOW)
-    (weight, term), *_ = plan.groups[0].terms
-    assert weight == 3.0
+    (weight, term, discounted), *_ = plan.groups[0].terms
+    assert weight == 3.0 and discounted
     scores = term(SchedulingRequest(prefix_hashes=PROMPT))
     assert scores == pytest.approx({addr(1): 1.0, addr(2): 2 / 8 * (1 - 1 / 5)})
     assert term(SchedulingRequest(prefix_hashes=PROMPT + (7, 8))) == pytest.approx({addr(1): 0.8, addr(2): 0.16})

@@ -90,9 +90,12 @@ class RequestScorer(Scorer, Protocol):
 
     ``request`` runs once per plan and returns the per-request term (or None to abstain for this
     plan): whatever can be prepared from the candidates is prepared there, so the term itself is a
-    few lookups. The profile adds ``weight * score`` to the candidate's score, discounted by the
-    work outstanding there as static scores are (``S / (S + waiting + n)``), so that what a replica
-    holds (a prefix, an adapter) wins it the requests only while it is not much busier than its peers.
+    few lookups. The profile adds ``weight * score`` to the candidate's score, as is; or, for a
+    scorer with ``discounted = True`` (an affinity: the term rates what a replica holds, a prefix
+    or an adapter), discounted by the work outstanding there as static scores are
+    (``S / (S + waiting + n)``), so that holding it wins a replica the requests only while it is
+    not much busier than its peers. (An optional attribute, not a protocol member: a scorer
+    without it is undiscounted, e.g. ``ttft``, whose term is already a load-aware correction.)
     """
 
     def request(self, ctx: FilterContext, candidates: list[Candidate]) -> RequestTerm | None: ...

@@ -9,8 +9,8 @@ Work is split by what it depends on:
   ``a1/(d1+n) + a2/(d2+n)`` (queue and headroom over the outstanding work, and in-flight). Request
   scorers leave a per-request term beside them. Each plugin's time here is reported to a timer;
 * ``SchedulerProfile.rank`` (per request): rotates each version's entries by the turn, adds the
-  request scorers' terms when there are any (discounted by the work outstanding, as static scores
-  are), and lets the selector keep the best few per version.
+  request scorers' terms when there are any (an affinity's discounted by the work outstanding, as
+  static scores are), and lets the selector keep the best few per version.
 
 Profiles come from the routing table's ``scheduling`` (``build_profile``, plugins by registry name)
 or, without one, are today's (``default_profile``, weights from the table's ``scoring``).
@@ -46,8 +46,8 @@ _clock = time.perf_counter_ns
 
 
 class Group:
-    """One version's compiled candidates, and its request scorers' terms with what discounts them:
-    ``scale`` (S, saturation_queue) and ``backlog`` (address -> S + waiting)."""
+    """One version's compiled candidates, and its request scorers' terms with what discounts the
+    discounted ones: ``scale`` (S, saturation_queue) and ``backlog`` (address -> S + waiting)."""
 
     __slots__ = ("version", "cluster", "share", "entries", "entries2", "size", "extended", "terms", "scale", "backlog")
 
@@ -56,7 +56,7 @@ class Group:
         version: VersionView,
         share: float,
         entries: tuple,
-        terms: tuple[tuple[float, RequestTerm], ...] = (),
+        terms: tuple[tuple[float, RequestTerm, bool], ...] = (),
         scale: float = 1.0,
         backlog: Mapping[str, float] | None = None,
     ):
@@ -67,7 +67,7 @@ class Group:
         self.entries = entries
         self.entries2 = entries + entries  # a rotation is one slice, no modulo per element
         self.size = len(entries)
-        self.terms = terms  # (weight, term) per request scorer that had something to prepare
+        self.terms = terms  # (weight, term, discounted) per request scorer that had something to prepare
         self.scale = scale
         self.backlog: Mapping[str, float] = backlog or {}
 
@@ -224,7 +224,8 @@ class SchedulerProfile:
             share = 1.0 if plan.version is not None else v.weight / total_weight
             entries, terms = self._compile(ctx, candidates, scorer_ns)
             scale = routing.scoring.saturation_queue
-            backlog = {c.address: scale + (c.waiting or 0.0) for c in candidates} if terms else None
+            discounts = any(discounted for _, _, discounted in terms)
+            backlog = {c.address: scale + (c.waiting or 0.0) for c in candidates} if discounts else None
             groups.append(Group(v, share, entries, terms, scale, backlog))
             if v.context_window and v.context_window < plan.min_window:
                 plan.min_window = v.context_window
@@ -233,7 +234,7 @@ class SchedulerProfile:
 
     def _compile(
         self, ctx: FilterContext, candidates: list[Candidate], scorer_ns: list[int]
-    ) -> tuple[tuple, tuple[tuple[float, RequestTerm], ...]]:
+    ) -> tuple[tuple, tuple[tuple[float, RequestTerm, bool], ...]]:
         """Each candidate becomes ``(address, idle, a1, d1, a2, d2[, more])``: its score with ``n``
         requests in flight is ``a1/(d1+n) + a2/(d2+n) (+ the same over more)``, and ``idle`` is that
         score at n = 0 (most endpoints have nothing in flight: no division then).
@@ -244,13 +245,14 @@ class SchedulerProfile:
         never be used up and it would take every request until the next report. Terms with the
         same denominator are merged, so the default profile needs two: ``S + waiting`` (queue and
         headroom) and ``C`` (in-flight). Request scorers' terms come back beside the entries; rank
-        discounts them the same way, for the same reason: a replica holding a request's prefix or
-        adapter would otherwise take every such request until the next report.
+        discounts those of affinity scorers (``discounted``) the same way, for the same reason: a
+        replica holding a request's prefix or adapter would otherwise take every such request until
+        the next report.
         """
         count = len(candidates)
         static = [0.0] * count
         terms: list[dict[float, float]] = [{} for _ in range(count)]  # denominator -> numerator
-        request_terms: list[tuple[float, RequestTerm]] = []
+        request_terms: list[tuple[float, RequestTerm, bool]] = []
         for j, scorer in enumerate(self.scorers):
             started = _clock()
             w = scorer.weight
@@ -268,7 +270,7 @@ class SchedulerProfile:
             if request_scorer is not None:
                 term = request_scorer.request(ctx, candidates)
                 if term is not None:
-                    request_terms.append((w, term))
+                    request_terms.append((w, term, getattr(request_scorer, "discounted", False)))
             scorer_ns[j] += _clock() - started
         scoring = ctx.scoring
         entries = []
@@ -328,18 +330,20 @@ class SchedulerProfile:
 
 
 def _bonus(group: Group, request: SchedulingRequest, inflight: Mapping[str, float]) -> dict[str, float] | None:
-    """address -> the request scorers' weighted sum for this request, discounted by
-    ``S / (S + waiting + n)`` as static scores are; None when none rated anyone."""
+    """address -> the request scorers' weighted sum for this request, the ``discounted`` ones'
+    times ``S / (S + waiting + n)`` as static scores are; None when none rated anyone."""
     bonus: dict[str, float] = {}
-    for weight, term in group.terms:
-        scores = term(request)
-        if scores:
-            for address, s in scores.items():
-                bonus[address] = bonus.get(address, 0.0) + weight * s
-    if not bonus:
-        return None
     scale, backlog, get = group.scale, group.backlog, inflight.get
-    return {a: b * scale / (backlog.get(a, scale) + get(a, 0.0)) for a, b in bonus.items()}
+    for weight, term, discounted in group.terms:
+        scores = term(request)
+        if not scores:
+            continue
+        for address, s in scores.items():
+            value = weight * s
+            if discounted:
+                value *= scale / (backlog.get(address, scale) + get(address, 0.0))
+            bonus[address] = bonus.get(address, 0.0) + value
+    return bonus or None
 
 
 # ----------------------------------------------------------------------------- composition

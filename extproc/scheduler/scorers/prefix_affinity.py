@@ -40,6 +40,7 @@ class PrefixAffinityScorer:
     """Matched prefix fraction times headroom (a request scorer; see the module doc)."""
 
     name = "prefix-affinity"
+    discounted = True  # an affinity: the profile discounts the term by the work outstanding
 
     def __init__(
         self,
