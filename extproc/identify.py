@@ -57,6 +57,11 @@ _KSERVE_PREFIX = "/v2/models/"
 _KSERVE_PREFIX_LEN = len(_KSERVE_PREFIX)
 
 
+# Text tokens are estimated at this many characters each (English text with BPE tokenizers runs
+# at about 4); the ext_proc has no tokenizer per model in the data path.
+CHARS_PER_TOKEN = 4
+
+
 class Identity:
     """What the request headers say. ``model`` None with ``needs_body`` True: read the body.
 
@@ -268,6 +273,10 @@ def _content_chars(content: object) -> int:
     return chars
 
 
+def _chars_to_tokens(chars: int) -> int:
+    return (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
 def _prompt_tokens(prompt: object) -> int:
     """Tokens of one ``prompt``/``input``: a string (chars / 4), token ids, or a batch of either.
 
@@ -275,7 +284,7 @@ def _prompt_tokens(prompt: object) -> int:
     context window on its own, so the largest counts, not the sum.
     """
     if type(prompt) is str:
-        return (len(prompt) + 3) // 4
+        return _chars_to_tokens(len(prompt))
     if type(prompt) is not list or not prompt:
         return 0
     first = prompt[0]
@@ -286,11 +295,11 @@ def _prompt_tokens(prompt: object) -> int:
         for item in prompt:
             if type(item) is dict:
                 chars += _content_chars(item.get("content"))
-        return (chars + 3) // 4
+        return _chars_to_tokens(chars)
     largest = 0
     for item in prompt:
         if type(item) is str:
-            tokens = (len(item) + 3) // 4
+            tokens = _chars_to_tokens(len(item))
         elif type(item) is list:
             tokens = len(item)
         else:
@@ -309,7 +318,7 @@ def estimate_tokens(doc: dict) -> int:
         for message in messages:
             if type(message) is dict:
                 chars += _content_chars(message.get("content"))
-        tokens += (chars + 3) // 4
+        tokens += _chars_to_tokens(chars)
     else:
         prompt = doc.get("prompt")
         if prompt is None:

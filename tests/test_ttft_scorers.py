@@ -13,6 +13,8 @@ so an idle slow replica beats the fast one from 4 requests queued there (0.26 s 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from controlplane.model.mesh_model import build_mesh_model
@@ -137,7 +139,7 @@ def test_a_cached_prefix_weighs_against_a_queue_in_the_same_seconds(monkeypatch)
         return {FAST: 900}
 
     monkeypatch.setattr(registry, "SCORERS", dict(registry.SCORERS))
-    registry.register_scorer("ttft", lambda weight: TTFTScorer(weight, cached_tokens=cached_tokens))
+    registry.register_scorer("ttft", lambda weight: TTFTScorer(weight, overlap=cached_tokens))
     request = SchedulingRequest(tokens=1000, prefix_hashes=(1, 2, 3))
     # One queued and cached: (500 + 100) / 5000 + 0.04 = 0.16 s against the idle one's 0.24 s.
     assert pick(load({FAST: 1, SLOW: 0}, speeds), request=request) == FAST
@@ -223,3 +225,33 @@ models:
         translate_routing_table(build_mesh_model(spec.model_copy(update={"scheduling": None})))
     )
     assert pick(load({FAST: 3, SLOW: 0}), r=plain) == SLOW
+
+
+def test_in_a_profile_with_prefix_affinity_ttft_counts_the_indexed_overlap_in_seconds():
+    # prefix-affinity at a weight too small to matter (weight 0 would leave it out of the profile):
+    # ttft ranks, reading its overlap from the prefix index the Picker binds (CacheAware). Same
+    # speeds as above; a 1000-token prompt, 1 request queued on FAST.
+    same = dict(prefill_tokens_per_s=5000.0, prefill_tokens_mean=500.0, decode_step_s=0.04)
+    lv = load({FAST: 1, SLOW: 0}, {FAST: same, SLOW: same})
+    both = mesh_pb2.SchedulingProfile(
+        scorers=[mesh_pb2.PluginRef(type="ttft", weight=1), mesh_pb2.PluginRef(type="prefix-affinity", weight=0.001)]
+    )
+    r = routing(both)
+    picker = Picker()
+    prompt = picker.prompt_scorer(r, "m")
+    assert prompt is not None
+    body = {"model": "m", "messages": [{"role": "system", "content": "x" * 4000}]}
+    hashes = prompt.prefix_hashes(body)
+    request = SchedulingRequest(tokens=1000, prefix_hashes=hashes)
+
+    def primary() -> str:
+        result = picker.pick(r, lv, "m", None, {}, now=NOW, request=request)
+        assert isinstance(result, Pick), result
+        return result.primary
+
+    # Nothing indexed: (500 + 1000) / 5000 + 0.04 = 0.34 s queued on FAST against 0.24 s idle.
+    assert primary() == SLOW
+    # FAST holds the whole prompt: (500 + ~8) / 5000 + 0.04 = 0.14 s.
+    assert prompt.index is not None
+    prompt.index.record(FAST, hashes, time.monotonic())
+    assert primary() == FAST

@@ -119,6 +119,23 @@ class PromptScorer(RequestScorer, Protocol):
         """Note where the request went; returns the blocks it probably found cached there."""
         ...
 
+    def cached_tokens(self, request: SchedulingRequest, addresses: Sequence[str]) -> Mapping[str, int]:
+        """address -> prompt tokens of this request the replica probably holds cached (missing: none)."""
+        ...
+
+
+# What a scorer that weighs prefix overlap in its own unit (``ttft``: seconds of prefill saved)
+# reads: address -> cached prompt tokens of this request, for the given candidates.
+CachedTokens = Callable[[SchedulingRequest, Sequence[str]], Mapping[str, int]]
+
+
+@runtime_checkable
+class CacheAware(Protocol):
+    """A scorer that reads prefix overlap from the profile's prompt scorer. The ``Picker`` sets
+    ``overlap`` to the prompt scorer's ``cached_tokens`` when it builds a profile that has both."""
+
+    overlap: CachedTokens | None
+
 
 class Selector(Protocol):
     """The picker point: the best ``k`` addresses of one version's compiled entries, best first.

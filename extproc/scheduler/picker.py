@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 from extproc.prefix.index import PrefixIndexes
 from extproc.routing_view import LoadView, ModelView, PriorityView, ProfileView, RoutingView, ScoringView
-from extproc.scheduler.interfaces import PluginTimer, PromptScorer, SchedulingRequest
+from extproc.scheduler.interfaces import CacheAware, PluginTimer, PromptScorer, SchedulingRequest
 from extproc.scheduler.profile import INF, Plan, SchedulerProfile, build_profile, default_profile
 from extproc.scheduler.registry import UnknownPlugin
 from extproc.scheduler.results import NotFound, PickResult, Refusal, TooLarge
@@ -127,8 +127,12 @@ class Picker:
             return self._bind(self._factory(scoring))
 
     def _bind(self, profile: SchedulerProfile) -> SchedulerProfile:
-        if profile.prompt_scorer is not None:
-            profile.prompt_scorer.bind(self.prefix)
+        prompt = profile.prompt_scorer
+        if prompt is not None:
+            prompt.bind(self.prefix)
+            for scorer in profile.scorers:
+                if isinstance(scorer, CacheAware) and scorer.overlap is None:
+                    scorer.overlap = prompt.cached_tokens  # ttft weighs the overlap in seconds
         return profile
 
     def plan(

@@ -22,8 +22,9 @@ index per process.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from extproc.identify import CHARS_PER_TOKEN
 from extproc.prefix.blocks import DEFAULT_BLOCKS, BlockConfig, block_hashes
 from extproc.prefix.index import IndexSettings, PrefixIndex, PrefixIndexes
 from extproc.prefix.prompt import prompt_text
@@ -82,6 +83,16 @@ class PrefixAffinityScorer:
         for address, share in pick.primaries:
             held += share * index.record(address, hashes, now)
         return held
+
+    def cached_tokens(self, request: SchedulingRequest, addresses: Sequence[str]) -> Mapping[str, int]:
+        """Prompt tokens of this request each replica probably holds (its matched leading blocks),
+        for the scorers that weigh overlap in their own unit (``ttft``; ``interfaces.CacheAware``)."""
+        index = self.index
+        if index is None or not request.prefix_hashes:
+            return {}
+        tokens_per_block = self.blocks.block_chars / CHARS_PER_TOKEN
+        matched = index.match(request.prefix_hashes, addresses, time.monotonic())
+        return {a: int(depth * tokens_per_block) for a, depth in matched.items() if depth}
 
     # -- the scheduler's side ----------------------------------------------------------------
 

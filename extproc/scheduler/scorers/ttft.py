@@ -12,7 +12,8 @@ overlap against load)::
   (``waiting x Reading.prefill_tokens_mean``: no engine exports the tokens it has queued), plus one
   typical request for each request this process sent there since the reading (in flight);
 * **this request's uncached tokens**: its prompt (``SchedulingRequest.tokens``) less what the
-  replica probably caches of it (the ``cached_tokens`` seam, prefix overlap; 0 until wired). With
+  replica probably caches of it (``overlap``: the profile's prefix-affinity index, when the profile
+  has one; else 0). With
   no request to read, a typical one: the mean prompt of the version's replicas;
 * **one decode step** (``Reading.decode_step_s``, the time per output token): the step that
   prefills the request also decodes the running batch, which a bigger batch makes longer. The
@@ -35,18 +36,12 @@ Two halves, by what they depend on (docs/scheduler.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from extproc.scheduler.candidates import TRUSTED, Candidate, FilterContext
-from extproc.scheduler.interfaces import RequestTerm, SchedulingRequest
+from extproc.scheduler.interfaces import CachedTokens, RequestTerm, SchedulingRequest
 from extproc.scheduler.scorers import NEUTRAL
-
-# The seam for prefix overlap: address -> prompt tokens of this request the replica probably holds
-# in its prefix cache, for the given candidates (missing: none). The ext_proc's PrefixIndex answers
-# this once it is reachable at pick time; wire it with
-# ``registry.register_scorer("ttft", functools.partial(TTFTScorer, cached_tokens=lookup))``.
-CachedTokens = Callable[[SchedulingRequest, Sequence[str]], Mapping[str, int]]
 
 # vLLM computes at least the prompt's last token however much of it is cached.
 MIN_UNCACHED_TOKENS = 1.0
@@ -93,9 +88,11 @@ class TTFTScorer:
 
     name = "ttft"
 
-    def __init__(self, weight: float, cached_tokens: CachedTokens | None = None):
+    def __init__(self, weight: float, overlap: CachedTokens | None = None):
         self.weight = weight
-        self.cached_tokens = cached_tokens
+        # Prefix overlap (interfaces.CacheAware): the Picker sets it to the profile's prompt
+        # scorer's when the profile has one; None counts no overlap.
+        self.overlap = overlap
 
     def static(self, ctx: FilterContext, candidates: list[Candidate]) -> None:
         return None
@@ -127,10 +124,10 @@ class TTFTScorer:
         ]
         addresses = tuple(c.address for c in candidates)
         typical_tokens = version.typical_tokens
-        cached_tokens = self.cached_tokens
+        overlap = self.overlap
 
         def term(request: SchedulingRequest) -> dict[str, float] | None:
-            cached = cached_tokens(request, addresses) if cached_tokens is not None and request.prefix_hashes else {}
+            cached = overlap(request, addresses) if overlap is not None and request.prefix_hashes else {}
             if request.tokens <= 0 and not cached:
                 return None  # nothing beyond the typical request the plan ranked for
             prompt = request.tokens if request.tokens > 0 else typical_tokens
