@@ -28,11 +28,12 @@ from typing import Generic, TypeVar
 import aiohttp
 
 from bench._workload import Request
+from fleet.replica import REPLICA_HEADER  # which simulated replica answered
+from protos.wire import MODEL_ID_HEADER
 
 PATH = "/v1/chat/completions"
 TOKEN_EVENT = b'"delta":{"content":'  # in every SSE event that carries a generated token
 ERROR_EVENT = b'"error":'  # an error the replica reports inside the stream
-REPLICA_HEADER = "x-sim-replica"  # which simulated replica answered (fleet/replica.py)
 
 WARMUP_FRACTION = 0.1  # of an open loop's schedule, before its throughput window starts
 
@@ -118,7 +119,7 @@ async def _stream(
 
 def _headers(model: str) -> dict[str, str]:
     # The model in a header as well as in the body: the fast path routes on the header only.
-    return {"content-type": "application/json", "x-model-id": model}
+    return {"content-type": "application/json", MODEL_ID_HEADER: model}
 
 
 async def open_loop(

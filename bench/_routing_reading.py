@@ -1,6 +1,6 @@
 """What the routing benchmark's numbers say about the picker and the fast path, and what would help.
 
-The mechanisms are described from the code (extproc/picker/, controlplane/load/fast_path.py); the
+The mechanisms are described from the code (extproc/scheduler/, controlplane/load/fast_path.py); the
 figures come from the run, so the text stays true when the numbers move.
 """
 

@@ -58,7 +58,8 @@ def progress(cell: Cell) -> str:
     s = stats(cell)
     return (
         f"{cell.setup.key} {cell.workload} {cell.load:.0%}: TTFT p50 {fmt_s(s.ttft_p50)} p99 {fmt_s(s.ttft_p99)}, "
-        f"{s.tokens_per_s:.0f} tok/s, {s.errors} errors, hit rate {s.hit_rate:.0%}"
+        f"{s.tokens_per_s:.0f} tok/s, {s.errors} errors, hit rate {s.hit_rate:.0%}; machine CPU "
+        f"{s.machine_cores:.1f} of {os.cpu_count()} cores"
     )
 
 
@@ -90,20 +91,24 @@ def why(target: Target, results: Results, setup: str, capacities: dict[str, Capa
     s = results.get(setup, target.workload, target.load)
     if cell is None or s is None:
         return ""
+    b = results.get(target.baseline.key, target.workload, target.load) if target.baseline else None
     parts = []
+    busy = [x for x in (s, b) if x is not None and contended(x)]
+    if busy:
+        parts.append(
+            f"{CONTENDED_MARK.strip()} the machine was busy with other jobs ("
+            + ", ".join(f"{x.machine_cores:.1f}" for x in busy)
+            + f" of {os.cpu_count()} cores)"
+        )
     if target.metric.startswith("ttft"):
         parts.append(_tail(cell, s, 0.01 if target.metric == "ttft_p99" else 0.10, capacities))
     if target.metric == "tokens_per_s":
         offered = cell.rate * _mean_output(cell)
         parts.append(f"offered {offered:.0f} tok/s, delivered {s.tokens_per_s:.0f}")
-        if target.baseline is not None:
-            b = results.get(target.baseline.key, target.workload, target.load)
-            if b is not None:
-                parts.append(f"{target.baseline.label} {b.tokens_per_s:.0f}")
+        if target.baseline is not None and b is not None:
+            parts.append(f"{target.baseline.label} {b.tokens_per_s:.0f}")
     if target.workload == "shared-prefix":
-        b = results.get(target.baseline.key, target.workload, target.load) if target.baseline else None
-        hit = f"prefix-cache hit rate {s.hit_rate:.0%}"
-        parts.append(hit + (f" vs {b.hit_rate:.0%}" if b is not None else ""))
+        parts.append(f"prefix-cache hit rate {s.hit_rate:.0%}" + (f" vs {b.hit_rate:.0%}" if b is not None else ""))
     if s.errors:
         parts.append(_errors(cell))
     return "; ".join(p for p in parts if p)
@@ -161,15 +166,23 @@ def _cell_row(results: Results, setup: Setup, workload: str, load: float) -> str
         f"| {load:.0%} | {setup.label} | {fmt_s(s.ttft_p50)} | {fmt_s(s.ttft_p90)} | {fmt_s(s.ttft_p99)}"
         f"{_spread(s.p99_by_seed)} | {vs('ttft_p90')} | {vs('ttft_p99')} | {fmt_s(s.e2e_p99)} "
         f"| {s.tokens_per_s:.0f} | {vs('tokens_per_s', True)} | {s.requests_per_s:.1f} | {s.errors} "
-        f"| {s.hit_rate:.0%} |"
+        f"| {s.hit_rate:.0%} | {s.machine_cores:.1f}{CONTENDED_MARK if contended(s) else ''} |"
     )
+
+
+CONTENDED = 0.9  # of the machine's cores busy (every job on it): a cell's latencies include CPU waits
+CONTENDED_MARK = " †"
+
+
+def contended(s: Stats) -> bool:
+    return s.machine_cores >= CONTENDED * (os.cpu_count() or 1)
 
 
 def _cells_table(results: Results, workload: str) -> list[str]:
     out = [
         "| load | setup | TTFT p50 | TTFT p90 | TTFT p99 (seeds) | p90 vs LR / RR | p99 vs LR / RR | e2e p99 "
-        "| output tok/s | vs LR / RR | req/s | errors | prefix hit |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| output tok/s | vs LR / RR | req/s | errors | prefix hit | machine CPU, of {os.cpu_count()} cores |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for load in results.loads:
         for setup in results.setups:
@@ -283,6 +296,13 @@ def render(cells: list[Cell], capacities: dict[str, Capacity], settings: Setting
         out += [f"**{WORKLOAD_LABELS[workload]}** ({_workload_text(workload, settings)})", ""]
         out += _cells_table(results, workload)
         out.append("")
+    out += [
+        "Machine CPU: cores busy during the cell's runs, whoever used them (other jobs share this machine). "
+        f"{CONTENDED_MARK.strip()}: {CONTENDED:.0%} or more of the machine was busy, so that cell's latencies "
+        "include waits for a CPU (the ext_proc, the fleet's event loop and Envoy all queue for one) and say "
+        "less about routing.",
+        "",
+    ]
     out += [f"![{name}]({name})" for name in plots]
     out += ["", "Where the requests went (share of the requests each replica finished):", ""]
     out += _distribution_table(results, capacities)

@@ -106,6 +106,7 @@ class Stats:
     p90_by_seed: list[float]
     tokens_by_seed: list[float]
     served: dict[str, int]  # replica -> requests it finished
+    machine_cores: float  # CPU cores busy machine-wide during the runs (every job on it), mean
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -140,6 +141,7 @@ def stats(cell: Cell) -> Stats:
         p90_by_seed=[percentile(_ttfts(r.outcomes), 90) for r in cell.runs],
         tokens_by_seed=[r.run.window_tokens / r.run.window_s if r.run.window_s else math.nan for r in cell.runs],
         served=dict(served),
+        machine_cores=sum(r.cores.get("machine", math.nan) for r in cell.runs) / len(cell.runs),
     )
 
 

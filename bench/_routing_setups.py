@@ -31,6 +31,7 @@ from bench.envoy_features import _hcms, _kind, _routes, _virtual_hosts, static_b
 from fleet.profiles import GpuProfile, get_profile
 from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
 from imesh.processes import ManagedProcess, python_module
+from protos.wire import MODEL_ID_HEADER
 
 MODEL = "chat"
 CONTEXT_WINDOW = 8192
@@ -256,7 +257,7 @@ def _wait_serves(url: str, timeout_s: float = 30.0) -> None:
     last: object = None
     while time.monotonic() < deadline:
         try:
-            r = httpx.post(url + PATH, json=body, headers={"x-model-id": MODEL}, timeout=5)
+            r = httpx.post(url + PATH, json=body, headers={MODEL_ID_HEADER: MODEL}, timeout=5)
             if r.status_code == 200:
                 return
             last = f"{r.status_code} {r.text[:200]}"
