@@ -54,16 +54,19 @@ def plots(out_dir: Path, cells: list[Cell]) -> list[str]:
         ax.legend(fontsize=7)
     ax = axes[0][-1]
     workload = "shared-prefix" if "shared-prefix" in workloads else workloads[0]
-    width = 20 / max(1, len(results.setups))  # of the 40 percentage points between loads
+    width = 0.8 / max(1, len(results.setups))
+    tallest = 0.0
     for i, setup in enumerate(results.setups):
         ys = [_metric(results, setup.key, workload, load, "hit_rate") * 100 for load in results.loads]
         offset = (i - (len(results.setups) - 1) / 2) * width
-        ax.bar([v + offset for v in x], ys, width, label=setup.label, color=colors[setup.key])
-    ax.set_xticks(x)
+        ax.bar([j + offset for j in range(len(ys))], ys, width, label=setup.label, color=colors[setup.key])
+        tallest = max([tallest, *(y for y in ys if math.isfinite(y))])
+    ax.set_xticks(range(len(results.loads)), [f"{load:.0%}" for load in results.loads])
+    ax.set_ylim(0, max(1.0, tallest) * 1.45)  # room for the legend above the bars
     ax.set_xlabel(LOAD_AXIS)
     ax.set_ylabel("prefix-cache hit rate, % of prompt tokens")
     ax.set_title(f"{WORKLOAD_LABELS[workload]}: prefix-cache hits the replicas report")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(out_dir / THROUGHPUT_PLOT, dpi=90)
     plt.close(fig)
@@ -72,7 +75,7 @@ def plots(out_dir: Path, cells: list[Cell]) -> list[str]:
 
 def _latency_panel(ax: Axes, results: Results, workload: str, metric: str, colors: dict[str, str]) -> None:
     """One latency percentile against load, a line per setup; ∞ drawn on a dotted line at the top."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     x = [load * 100 for load in results.loads]
     top = _plot_top(results, workload, metric)
@@ -87,13 +90,24 @@ def _latency_panel(ax: Axes, results: Results, workload: str, metric: str, color
             highs.append(max(seeds) - value)
         ax.errorbar(x, ys, yerr=[lows, highs], marker="o", capsize=3, label=setup.label, color=colors[setup.key])
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_s(v)))
     ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.axhline(top, color="grey", ls=":", lw=0.8)
-    ax.text(x[0], top, " ∞ (failed requests)", va="bottom", fontsize=7, color="grey")
+    if _any_infinite(results, workload, metric):
+        ax.axhline(top, color="grey", ls=":", lw=0.8)
+        ax.text(x[0], top, " ∞ (failed requests)", va="bottom", fontsize=7, color="grey")
     ax.set_xticks(x)
     ax.set_xlabel(LOAD_AXIS)
     ax.legend(fontsize=7)
+
+
+def _any_infinite(results: Results, workload: str, metric: str) -> bool:
+    return any(
+        math.isinf(v)
+        for (_, w, _), s in results.stats.items()
+        if w == workload
+        for v in [s.metric(metric), *s.by_seed(metric)]
+    )
 
 
 def _metric(results: Results, setup: str, workload: str, load: float, metric: str) -> float:

@@ -17,9 +17,9 @@ FASTEST = FLEET[0].name
 
 def _share(results: Results, setup: str, workload: str, load: float, replica: str) -> float:
     s = results.get(setup, workload, load)
-    if s is None or not s.served:
+    if s is None or not s.sent:
         return math.nan
-    return s.served.get(replica, 0) / sum(s.served.values())
+    return s.sent.get(replica, 0) / sum(s.sent.values())
 
 
 def _pct(value: float) -> str:
@@ -49,23 +49,24 @@ def text(results: Results, capacities: dict[str, Capacity], settings: Settings) 
             f"of the fleet's ShareGPT-like work, `{FASTEST}` about {speed:.0f}x as much (the distribution "
             f"table). ROUND_ROBIN and RANDOM give every replica the same share, so `{SLOW}` gets a quarter of "
             f"the requests ({sent(ROUND_ROBIN.key)} and {sent(RANDOM.key)} at {load:.0%} load) and its queue "
-            "grows for the whole run: their p90 and p99 run into seconds, and what is still queued when the run "
-            "ends becomes errors (their p99 is bounded by the run's grace period: their real tail is worse than "
-            "the table says). LEAST_REQUEST equalises outstanding requests; that one replica gets through "
-            f"{speed:.0f}x less work is invisible to it: it sent `{SLOW}` {sent(LEAST_REQUEST.key)}.",
+            "grows for the whole run: what is still queued when the run ends becomes errors, and their p90 and "
+            "p99 run into seconds or are ∞ (more than 10% or 1% of the requests got no token). LEAST_REQUEST "
+            f"equalises outstanding requests; that one replica gets through {speed:.0f}x less work is invisible "
+            f"to it: it sent `{SLOW}` {sent(LEAST_REQUEST.key)}.",
             "",
-            f"**The picker sends the slow replica more than its share** ({sent(PICKER.key)} of the requests at "
-            f"{load:.0%}, against {_pct(slow_cap)} of the capacity), and its slowest requests are the ones it "
-            'sent there (the targets\' "why" column). Its scores are absolute counts, not counts relative to '
-            "what a replica can do: the queue term `S/(S + waiting + n)` (S = `saturation_queue`, 5) is near 1 "
-            f"for a replica whose 2 slots are full but whose queue is still empty, the running-batch term "
-            f"ranks `{SLOW}` (2 running) above an H100 (8 running), and the free-KV term favours the replica "
-            "that holds little because it runs little. Only the latency term (`fastest/latency`, weight 2 of "
-            "8) sees the speed, and it compares how long one request takes, not how many a replica serves at "
-            "once: a replica with a quarter of the slots and a third of the speed scores only somewhat lower "
-            "than a fast one while its queue is empty, and gets requests until its queue shows in the next "
-            "scrape (100 ms). The in-flight term decays over `max_concurrency` requests, which the spec leaves "
-            "at 0 here (then `saturation_queue`, 5: more than the slow replica's 2 slots).",
+            f"**The picker's tail is the slow replica too.** It sent `{SLOW}` {sent(PICKER.key)} of the "
+            f"requests at {load:.0%} ({_pct(slow_cap)} of the capacity), and its slowest requests are the ones "
+            'it sent there (the targets\' "why" column): what matters is not the share but the moment, a '
+            f"request sent while `{SLOW}`'s 2 slots are busy. Its scores are absolute counts, not counts "
+            "relative to what a replica can do: the queue term `S/(S + waiting + n)` (S = `saturation_queue`, "
+            "5) is near 1 for a replica whose slots are full but whose queue is still empty, the running-batch "
+            f"term ranks `{SLOW}` (2 running) above an H100 (8 running), and the free-KV term favours the "
+            "replica that holds little because it runs little. Only the latency term (`fastest/latency`, "
+            "weight 2 of 8) sees the speed, and it compares how long one request takes, not how many a replica "
+            "serves at once: a replica with a quarter of the slots and a third of the speed scores only "
+            "somewhat lower than a fast one while its queue is empty, and gets requests until its queue shows "
+            "in the next scrape (100 ms). The in-flight term decays over `max_concurrency` requests, which the "
+            "spec leaves at 0 here (then `saturation_queue`, 5: more than the slow replica's 2 slots).",
             "",
             f"**The fast path** balances with Envoy's least-request on EDS weights derived from queue and KV "
             f"only (controlplane/load/fast_path.py): a replica with an empty queue weighs 100 whatever its "

@@ -102,6 +102,11 @@ def why(target: Target, results: Results, setup: str, capacities: dict[str, Capa
         )
     if target.metric.startswith("ttft"):
         parts.append(_tail(cell, s, 0.01 if target.metric == "ttft_p99" else 0.10, capacities))
+        if b is not None and target.baseline is not None and math.isinf(b.metric(target.metric)):
+            parts.append(
+                f"{target.baseline.label}'s is ∞: {b.errors} of its {b.requests} requests failed, "
+                f"{sum(math.isinf(v) for v in b.by_seed(target.metric))} of its seeds ∞ on their own"
+            )
     if target.metric == "tokens_per_s":
         offered = cell.rate * _mean_output(cell)
         parts.append(f"offered {offered:.0f} tok/s, delivered {s.tokens_per_s:.0f}")
@@ -231,10 +236,10 @@ def _distribution_table(results: Results, capacities: dict[str, Capacity]) -> li
             s = results.get(setup.key, workload, 0.9 if 0.9 in results.loads else load)
             if s is None:
                 continue
-            total = sum(s.served.values()) or 1
+            total = sum(s.sent.values()) or 1
             out.append(
                 f"| {WORKLOAD_LABELS[workload]}, {0.9 if 0.9 in results.loads else load:.0%} | {setup.label} | "
-                + " | ".join(f"{s.served.get(n, 0) / total:.0%}" for n in names)
+                + " | ".join(f"{s.sent.get(n, 0) / total:.0%}" for n in names)
                 + " |"
             )
     return out
@@ -297,14 +302,16 @@ def render(cells: list[Cell], capacities: dict[str, Capacity], settings: Setting
         out += _cells_table(results, workload)
         out.append("")
     out += [
-        "Machine CPU: cores busy during the cell's runs, whoever used them (other jobs share this machine). "
+        "Machine CPU: cores busy during the cell's runs, whoever used them (other jobs share this machine; "
+        f"before each cell the benchmark waited up to 10 s for them to leave it below one busy core, "
+        f"{settings.quiet_wait_s:.0f} s in all this run). "
         f"{CONTENDED_MARK.strip()}: {CONTENDED:.0%} or more of the machine was busy, so that cell's latencies "
         "include waits for a CPU (the ext_proc, the fleet's event loop and Envoy all queue for one) and say "
         "less about routing.",
         "",
     ]
     out += [f"![{name}]({name})" for name in plots]
-    out += ["", "Where the requests went (share of the requests each replica finished):", ""]
+    out += ["", "Where the requests went (share of the requests each replica answered, finished or not):", ""]
     out += _distribution_table(results, capacities)
     out.append("")
     return "\n".join(out)

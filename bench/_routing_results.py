@@ -70,6 +70,7 @@ class Settings:
     load: tuple[float, float]  # 1-minute load average before and after
     means: dict[str, tuple[float, float]]  # workload -> mean prompt and output tokens of its requests
     tenant_prompt_tokens: int  # the shared-prefix workload's system prompts, all tenants together
+    quiet_wait_s: float  # waited in all for other jobs to leave the machine (routing.Quiet)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -105,7 +106,7 @@ class Stats:
     p99_by_seed: list[float]
     p90_by_seed: list[float]
     tokens_by_seed: list[float]
-    served: dict[str, int]  # replica -> requests it finished
+    sent: dict[str, int]  # replica -> requests it answered (its header came back), finished or not
     machine_cores: float  # CPU cores busy machine-wide during the runs (every job on it), mean
 
     def metric(self, name: str) -> float:
@@ -123,10 +124,7 @@ def stats(cell: Cell) -> Stats:
     seconds = sum(r.run.window_s for r in cell.runs)
     queries = sum(c.prefix_queries for r in cell.runs for c in r.replicas.values())
     hits = sum(c.prefix_hits for r in cell.runs for c in r.replicas.values())
-    served: Counter[str] = Counter()
-    for r in cell.runs:
-        for name, c in r.replicas.items():
-            served[name] += c.served
+    sent = Counter(o.replica for o in outcomes if o.replica is not None)
     return Stats(
         requests=len(outcomes),
         ttft_p50=percentile(ttft, 50),
@@ -140,7 +138,7 @@ def stats(cell: Cell) -> Stats:
         p99_by_seed=[percentile(_ttfts(r.outcomes), 99) for r in cell.runs],
         p90_by_seed=[percentile(_ttfts(r.outcomes), 90) for r in cell.runs],
         tokens_by_seed=[r.run.window_tokens / r.run.window_s if r.run.window_s else math.nan for r in cell.runs],
-        served=dict(served),
+        sent=dict(sent),
         machine_cores=sum(r.cores.get("machine", math.nan) for r in cell.runs) / len(cell.runs),
     )
 

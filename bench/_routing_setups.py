@@ -1,7 +1,7 @@
 """The routing benchmark's fleet and the five ways of routing to it.
 
 The fleet is one ``python -m fleet`` process on fixed loopback ports (chosen free once), started
-fresh for every setup. The setups all serve the same model on the same replica addresses:
+fresh for every setup and workload. The setups all serve the same model on the same replica addresses:
 
 * the mesh with ``routing_mode: picker`` (the ext_proc picks per request) and with
   ``routing_mode: fast`` (Envoy balances on the control plane's load-aware EDS weights), each a
@@ -18,7 +18,7 @@ import asyncio
 import copy
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from bench._common import _envoy
 from bench._loadgen import PATH
 from bench.envoy_features import _hcms, _kind, _routes, _virtual_hosts, static_bootstrap, without_access_log
 from fleet.profiles import GpuProfile, get_profile
-from imesh.local_mesh import LocalMesh, MeshPorts, free_ports
+from imesh.local_mesh import LocalMesh
+from imesh.ports import MeshPorts, free_ports
 from imesh.processes import ManagedProcess, python_module
 from protos.wire import MODEL_ID_HEADER
 
@@ -207,7 +208,7 @@ class Running:
 
     url: str
     pids: dict[str, int]
-    stop_all: list = field(default_factory=list)  # callables, in order
+    stop_all: list[Callable[[], None]] = field(default_factory=list)  # in order
 
     def stop(self) -> None:
         for stop in self.stop_all:
