@@ -255,6 +255,15 @@ class Engine:
         self.aborted += 1
         seq._finish("abort", asyncio.get_running_loop().time())
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prompt block (vLLM's ``/reset_prefix_cache``); returns how many.
+
+        Running sequences keep their KV: only reuse by later requests is lost.
+        """
+        dropped = len(self._prefix)
+        self._prefix.clear()
+        return dropped
+
     # ---- load signals ----------------------------------------------------------------
 
     @property
@@ -303,6 +312,7 @@ class Engine:
             "served": self.served,
             "aborted": self.aborted,
             "steps": self.steps,
+            "busy_s": round(self.busy_s, 6),
             "last_step_s": self.last_step_s,
             "last_batch": self.last_batch,
             "prefix_cache": {

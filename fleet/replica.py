@@ -2,7 +2,7 @@
 
 It speaks what the mesh routes to: the OpenAI API (``fleet.openai_api``), KServe v2 REST
 (``fleet.kserve``), vLLM-named Prometheus metrics (``fleet.metrics``) and a small fault
-injection admin under ``/sim``. Every response, errors included, carries
+injection admin under ``/sim``, plus vLLM's ``POST /reset_prefix_cache``. Every response, errors included, carries
 ``x-sim-replica: <name>`` so a test can tell which replica served a request that went
 through the mesh.
 """
@@ -67,7 +67,11 @@ class Replica:
     async def start(self) -> None:
         """Start the engine and listen; raises ``OSError`` naming the address on failure."""
         self.engine.start()
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        # handler_cancellation: a client that goes away cancels its handler, which aborts its
+        # sequence even while it is still queued (vLLM aborts a disconnected request too).
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0, handler_cancellation=True
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.config.host, self.config.port, backlog=1024)
@@ -153,6 +157,7 @@ class Replica:
         app.router.add_delete("/sim/faults", _reset_faults)
         app.router.add_get("/sim/faults", _get_faults)
         app.router.add_get("/sim/state", _state)
+        app.router.add_post("/reset_prefix_cache", _reset_prefix_cache)
         return app
 
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -228,6 +233,11 @@ async def _reset_faults(request: web.Request) -> web.Response:
 
 async def _get_faults(request: web.Request) -> web.Response:
     return web.json_response(replica_of(request).engine.faults.model_dump())
+
+
+async def _reset_prefix_cache(request: web.Request) -> web.Response:
+    """vLLM's route of the same name: benchmarks start each run from a cold cache."""
+    return web.json_response({"dropped_blocks": replica_of(request).engine.reset_prefix_cache()})
 
 
 async def _state(request: web.Request) -> web.Response:
