@@ -278,7 +278,9 @@ class Reading:
     (``-inf`` when it never answered), so its age at any moment is ``now - scraped_at``.
 
     ``prefill_tokens_per_s``, ``prefill_tokens_mean`` and ``decode_step_s`` are what a
-    time-to-first-token estimate needs (the ``ttft`` scorer); 0 = not measured."""
+    time-to-first-token estimate needs (the ``ttft`` scorer); 0 = not measured. ``adapters``: the
+    LoRA adapters active there (running or waiting requests); ``max_adapters``: how many distinct
+    ones a batch may hold (0 = unknown)."""
 
     __slots__ = (
         "address",
@@ -292,6 +294,8 @@ class Reading:
         "prefill_tokens_per_s",
         "prefill_tokens_mean",
         "decode_step_s",
+        "adapters",
+        "max_adapters",
     )
 
     def __init__(
@@ -307,6 +311,8 @@ class Reading:
         prefill_tokens_per_s: float = 0.0,
         prefill_tokens_mean: float = 0.0,
         decode_step_s: float = 0.0,
+        adapters: tuple[str, ...] = (),
+        max_adapters: int = 0,
     ):
         self.address = address
         self.waiting = waiting
@@ -319,6 +325,8 @@ class Reading:
         self.prefill_tokens_per_s = prefill_tokens_per_s  # prompt tokens computed per second of prefill
         self.prefill_tokens_mean = prefill_tokens_mean  # prompt tokens computed per request, recent mean
         self.decode_step_s = decode_step_s  # time per output token: one engine step at the running batch
+        self.adapters = adapters
+        self.max_adapters = max_adapters
 
     def age(self, now: float) -> float:
         return now - self.scraped_at
@@ -358,6 +366,8 @@ class LoadView:
                 e.prefill_tokens_per_s,
                 e.prefill_tokens_mean,
                 e.decode_step_s,
+                tuple(e.adapters),
+                e.max_adapters,
             )
         return cls(report.sequence, received_at, readings)
 
