@@ -42,17 +42,27 @@ class ModelVersion(_message.Message):
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ..., cluster: _Optional[str] = ..., context_window: _Optional[int] = ..., engine: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
 class Model(_message.Message):
-    __slots__ = ("name", "versions", "allow_version_override", "scheduling")
+    __slots__ = ("name", "versions", "allow_version_override", "scheduling", "adapters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_VERSION_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULING_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     allow_version_override: bool
     scheduling: SchedulingProfile
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
 
 class PriorityClass(_message.Message):
     __slots__ = ("name", "rank", "preferred_tiers", "strict_tiers", "shed_threshold")

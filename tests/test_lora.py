@@ -10,8 +10,23 @@ adapter slot. The end-to-end test through real Envoy is tests/test_e2e_lora.py.
 
 from __future__ import annotations
 
+import json
+
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+
 from controlplane.load.metrics_parsing import EngineLoad, parse_engine_load
 from controlplane.load.monitor import LoadMonitor, ScrapeTarget
+from controlplane.model.mesh_model import build_mesh_model
+from controlplane.spec.schema import SpecError, parse_spec
+from controlplane.translate.envoy import translate_routes
+from controlplane.translate.table import translate_routing_table
+from extproc.identify import resolve_adapter
+from extproc.mesh_view import MeshView
+from extproc.routing_view import RoutingView
+from extproc.scheduler.interfaces import SchedulingRequest
+from extproc.scheduler.picker import Picker
+from extproc.service import ExternalProcessor
 from fleet import FleetConfig, ReplicaConfig, start_fleet
 
 VLLM_LORA = """\
@@ -74,3 +89,131 @@ async def test_the_load_monitor_reports_a_replicas_active_adapters():
         await fleet.stop()
     (endpoint,) = report.endpoints
     assert (list(endpoint.adapters), endpoint.max_adapters) == (["sql-lora"], 3)
+
+
+# ---- the spec, the mesh model and the routing table --------------------------------------------
+
+SPEC = """
+pools: [{name: p}]
+models:
+  - name: llama
+    versions:
+      - {name: v1, weight: 90, adapters: [sql-lora, chat-lora], endpoints: [{address: 10.0.0.1:8000, pool: p}]}
+      - {name: v2, weight: 10, adapters: [chat-lora, new-lora], endpoints: [{address: 10.0.0.2:8000, pool: p}]}
+      - {name: v3, weight: 0, adapters: [old-lora]}
+  - name: bert
+    versions: [{name: "1", endpoints: [{address: 10.0.0.3:8000, pool: p}]}]
+"""
+
+
+def spec_problems(text: str) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, "mesh.yaml")
+    return caught.value.problems
+
+
+def test_an_adapter_named_like_a_model_or_of_two_models_is_a_spec_error():
+    (clash,) = spec_problems(SPEC.replace("adapters: [sql-lora, chat-lora]", "adapters: [sql-lora, bert]"))
+    assert clash == "mesh.yaml: <top>: models[0].versions[0].adapters[1]: adapter 'bert' is also the name of a model"
+    shared = SPEC.replace('versions: [{name: "1", endpoints', 'versions: [{name: "1", adapters: [sql-lora], endpoints')
+    (two,) = spec_problems(shared)
+    assert "models[1].versions[0].adapters[0]: adapter 'sql-lora' is already an adapter of model 'llama'" in two
+    (repeated,) = spec_problems(SPEC.replace("[sql-lora, chat-lora]", "[sql-lora, sql-lora]"))
+    assert repeated.startswith("mesh.yaml: models[0].versions[0].adapters: each adapter may appear once")
+    (bad,) = spec_problems(SPEC.replace("[sql-lora, chat-lora]", "['sql lora']"))
+    assert bad.startswith("mesh.yaml: models[0].versions[0].adapters[0]: String should match pattern")
+
+
+def test_an_adapter_goes_to_the_model_split_when_every_routed_version_serves_it_else_to_one_version():
+    mesh = build_mesh_model(parse_spec(SPEC))
+    llama = mesh.model("llama")
+    assert llama is not None
+    assert {a.name: a.version for a in llama.adapters} == {
+        "sql-lora": "v1",  # only v1 serves it
+        "chat-lora": "",  # v1 and v2 (v3 gets no traffic): the weighted split
+        "new-lora": "v2",
+        "old-lora": "v3",  # no routed version serves it: the one that declares it
+    }
+    table = translate_routing_table(mesh)
+    assert [(a.name, a.version) for a in table.models[0].adapters][:2] == [("sql-lora", "v1"), ("chat-lora", "")]
+    routing = RoutingView.from_proto(table)
+    sql = resolve_adapter(routing, "sql-lora")
+    assert sql is not None and (sql.name, sql.model, sql.version) == ("sql-lora", "llama", "v1")
+    chat = resolve_adapter(routing, "chat-lora")
+    assert chat is not None and (chat.model, chat.version) == ("llama", None)
+    assert resolve_adapter(routing, "llama") is None and resolve_adapter(routing, "nope") is None
+
+
+def test_models_list_adapters_with_their_parent_on_both_sides():
+    mesh = build_mesh_model(parse_spec(SPEC))
+    routing = RoutingView.from_proto(translate_routing_table(mesh))
+    config = translate_routes(mesh)
+    routes = {r.name: r for vhost in config.virtual_hosts for r in vhost.routes}
+    listing = routes["models-list"].direct_response.body.inline_string
+    assert listing.encode() == routing.models_list_body  # Envoy's route and the ext_proc's view, byte for byte
+    entries = json.loads(listing)["data"]
+    assert [(e["id"], e.get("parent")) for e in entries] == [
+        ("llama", None),
+        ("bert", None),
+        ("sql-lora", "llama"),
+        ("chat-lora", "llama"),
+        ("new-lora", "llama"),
+        ("old-lora", "llama"),
+    ]
+    assert "parent" not in entries[0]  # a model's entry is as before
+    assert [json.loads(routing.entry_body(e["id"]) or b"") for e in entries] == entries  # GET /v1/models/{id}
+    assert routing.entry_body("nope") is None
+
+
+def test_the_fail_open_route_of_an_adapter_named_in_x_model_id_goes_to_the_base_models_clusters():
+    mesh = build_mesh_model(parse_spec(SPEC))
+    routes = {r.name: r for r in translate_routes(mesh).virtual_hosts[0].routes}
+    order = list(routes)
+    sql, chat = routes["llama/adapter/sql-lora"], routes["llama/adapter/chat-lora"]
+    assert [(h.name, h.string_match.exact) for h in sql.match.headers] == [("x-model-id", "sql-lora")]
+    assert sql.route.cluster == "llama/v1"  # the one version that serves it
+    assert chat.route.weighted_clusters == routes["llama/header"].route.weighted_clusters  # the model's split
+    assert {h.header.key: h.header.value for h in sql.response_headers_to_add}["x-imesh-model"] == "llama"
+    assert order.index("llama/adapter/sql-lora") < order.index("unknown-model")
+
+
+# ---- the ext_proc: an adapter named in the body or a header is routed as its base model ---------
+
+
+def headers_message(headers: dict[str, str], end_of_stream: bool = False) -> ext.HttpHeaders:
+    message = ext.HttpHeaders(end_of_stream=end_of_stream)
+    for key, value in headers.items():
+        message.headers.headers.add(key=key, raw_value=value.encode())
+    return message
+
+
+def set_headers(response: ext.ProcessingResponse) -> dict[str, str]:
+    phase = response.WhichOneof("response")
+    mutation = getattr(response, phase).response.header_mutation
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+def test_the_extproc_routes_an_adapter_as_its_base_model_and_tells_the_scheduler():
+    seen: list[SchedulingRequest | None] = []
+
+    class Recording(Picker):
+        def pick(self, *args, **kwargs):
+            seen.append(kwargs.get("request"))
+            return super().pick(*args, **kwargs)
+
+    view = MeshView()
+    view.apply_table(translate_routing_table(build_mesh_model(parse_spec(SPEC))))
+    servicer = ExternalProcessor(view, Recording())
+    chat = b'{"model": "sql-lora", "messages": [{"role": "user", "content": "hi"}]}'
+    post = {":method": "POST", ":path": "/v1/chat/completions"}
+    identity, asked = servicer.on_headers(headers_message(post))
+    assert asked.request_headers.response.status == 0 and identity is not None and identity.needs_body
+    by_body = servicer.on_body(identity, chat)
+    assert set_headers(by_body) == {"x-imesh-model": "llama", "x-imesh-version": "v1"}  # pinned: only v1 has it
+    _, by_header = servicer.on_headers(headers_message({**post, "x-model-id": "chat-lora"}))
+    assert set_headers(by_header) == {"x-imesh-model": "llama"}  # the model's split
+    _, plain = servicer.on_headers(headers_message({**post, "x-model-id": "llama"}))
+    assert set_headers(plain) == {"x-imesh-model": "llama"}
+    assert [r.adapter if r is not None else None for r in seen] == ["sql-lora", "chat-lora", None]
+    _, entry = servicer.on_headers(headers_message({":method": "GET", ":path": "/v1/models/sql-lora"}))
+    assert json.loads(entry.immediate_response.body)["parent"] == "llama"
