@@ -23,11 +23,15 @@ from controlplane.translate.envoy import translate_routes
 from controlplane.translate.table import translate_routing_table
 from extproc.identify import resolve_adapter
 from extproc.mesh_view import MeshView
-from extproc.routing_view import RoutingView
+from extproc.routing_view import LoadView, ProfileView, RoutingView, ScoringView
+from extproc.scheduler.candidates import Candidate, FilterContext
 from extproc.scheduler.interfaces import SchedulingRequest
 from extproc.scheduler.picker import Picker
+from extproc.scheduler.profile import SchedulerProfile, build_profile, default_filters, default_profile
+from extproc.scheduler.scorers.lora_affinity import LoraAffinityScorer
 from extproc.service import ExternalProcessor
 from fleet import FleetConfig, ReplicaConfig, start_fleet
+from protos import mesh_pb2
 
 VLLM_LORA = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -217,3 +221,97 @@ def test_the_extproc_routes_an_adapter_as_its_base_model_and_tells_the_scheduler
     assert [r.adapter if r is not None else None for r in seen] == ["sql-lora", "chat-lora", None]
     _, entry = servicer.on_headers(headers_message({":method": "GET", ":path": "/v1/models/sql-lora"}))
     assert json.loads(entry.immediate_response.body)["parent"] == "llama"
+
+
+# ---- the scorer ---------------------------------------------------------------------------------
+
+NOW = 1000.0
+
+
+def lora_routing(n: int, scheduling: mesh_pb2.SchedulingProfile | None = None) -> RoutingView:
+    endpoints = [mesh_pb2.Endpoint(address=f"10.0.0.{i}:80", pool="p", tier="standard") for i in range(1, n + 1)]
+    version = mesh_pb2.ModelVersion(name="v1", weight=100, cluster="m/v1", endpoints=endpoints)
+    model = mesh_pb2.Model(name="m", versions=[version], adapters=[mesh_pb2.LoraAdapter(name="sql-lora")])
+    table = mesh_pb2.RoutingTable(version=1, models=[model], default_priority="standard", scheduling=scheduling)
+    return RoutingView.from_proto(table)
+
+
+def lora_load(**endpoints: dict) -> LoadView:
+    """lora_load(e1=dict(adapters=[...], max=2, waiting=0, age=0.05)); e<i> is 10.0.0.<i>:80."""
+    report = mesh_pb2.LoadReport(sequence=1)
+    for key, r in endpoints.items():
+        report.endpoints.append(
+            mesh_pb2.EndpointLoad(
+                address=f"10.0.0.{key[1:]}:80",
+                waiting=r.get("waiting", 0),
+                gpu_util=-1,
+                age_s=r.get("age", 0.05),
+                reachable=True,
+                adapters=r.get("adapters", []),
+                max_adapters=r.get("max", 0),
+            )
+        )
+    return LoadView.from_proto(report, received_at=NOW)
+
+
+def candidates_of(routing: RoutingView, load: LoadView) -> tuple[FilterContext, list[Candidate]]:
+    ctx = FilterContext(routing.scoring, routing.default_priority, NOW)
+    endpoints = routing.model("m").versions[0].endpoints
+    return ctx, [Candidate(e, load.get(e.address), routing.scoring, NOW) for e in endpoints]
+
+
+def test_the_scorer_rates_active_adapters_then_free_slots_then_full_replicas():
+    routing = lora_routing(5)
+    load = lora_load(
+        e1=dict(adapters=["chat-lora"], max=2),  # a free slot
+        e2=dict(adapters=["sql-lora"], max=1),  # active (and full)
+        e3=dict(adapters=["chat-lora", "fin-lora"], max=2),  # full of others
+        e4=dict(adapters=["sql-lora"], max=2, age=60.0),  # a stale reading is no evidence
+        # e5: no reading yet
+    )
+    term = LoraAffinityScorer(2.0).request(*candidates_of(routing, load))
+    assert term is not None
+    assert term(SchedulingRequest(adapter="sql-lora")) == {
+        "10.0.0.1:80": 0.5,
+        "10.0.0.2:80": 1.0,
+        "10.0.0.4:80": 0.5,
+        "10.0.0.5:80": 0.5,
+    }  # e3 scores 0 (missing)
+    assert term(SchedulingRequest(adapter="fin-lora"))["10.0.0.3:80"] == 1.0
+    assert term(SchedulingRequest(adapter="new-lora")) == {"10.0.0.1:80": 0.5, "10.0.0.4:80": 0.5, "10.0.0.5:80": 0.5}
+    assert term(SchedulingRequest()) is None  # no adapter: no bonus
+    # Replicas that report nothing about LoRA (no metric, another engine): the scorer abstains.
+    assert LoraAffinityScorer(2.0).request(*candidates_of(routing, lora_load(e1={}, e2={}))) is None
+
+
+def test_an_adapter_request_goes_where_its_adapter_is_active_and_others_are_ranked_as_without_the_scorer():
+    routing = lora_routing(3)
+    load = lora_load(e1=dict(max=1), e2=dict(adapters=["sql-lora"], max=1), e3=dict(adapters=["chat-lora"], max=1))
+    picker = Picker()
+    adapter = SchedulingRequest(adapter="sql-lora")
+    picks = [picker.pick(routing, load, "m", None, {}, now=NOW, request=adapter).hosts[0] for _ in range(6)]
+    assert set(picks) == {"10.0.0.2:80"}
+    new = SchedulingRequest(adapter="new-lora")
+    assert {picker.pick(routing, load, "m", None, {}, now=NOW, request=new).hosts[0] for _ in range(6)} == {
+        "10.0.0.1:80"  # the only free slot
+    }
+    # Without an adapter the default profile (which has lora-affinity) ranks as one without it.
+    ours = default_profile(routing.scoring)
+    theirs = SchedulerProfile(default_filters(), [s for s in ours.scorers if s.name != "lora-affinity"])
+    assert len(theirs.scorers) == len(ours.scorers) - 1
+    model, priority = routing.model("m"), routing.default_priority
+    our_plan = ours.plan(routing, load, model, priority, None, NOW)
+    their_plan = theirs.plan(routing, load, model, priority, None, NOW)
+    assert our_plan.groups[0].entries == their_plan.groups[0].entries  # the same compiled scores
+    for turn in range(6):
+        expected = theirs.rank(their_plan, {}, turn).hosts
+        assert ours.rank(our_plan, {}, turn).hosts == expected
+        assert ours.rank(our_plan, {}, turn, SchedulingRequest()).hosts == expected
+
+
+def test_lora_affinity_is_a_plugin_a_spec_may_name():
+    spec = parse_spec(SPEC + "scheduling: {scorers: [{type: queue}, {type: lora-affinity, weight: 3}]}\n")
+    table = translate_routing_table(build_mesh_model(spec))
+    assert [(s.type, s.weight) for s in table.scheduling.scorers] == [("queue", 1.0), ("lora-affinity", 3.0)]
+    profile = build_profile(ProfileView.from_proto(table.scheduling), ScoringView())
+    assert isinstance(profile.scorers[1], LoraAffinityScorer) and profile.scorers[1].weight == 3.0
