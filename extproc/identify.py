@@ -20,6 +20,11 @@ whose body carries one (``carries_prompt``): the servicer then sets ``body_kind`
 ``PROMPT_BODY``, and ``parse_prompt_body`` reads it leniently (a body it cannot read costs the
 request its affinity, never an error: the model is known already).
 
+A name may be a LoRA adapter's (the spec's ``versions[].adapters``): vLLM serves an adapter
+named as the request's model. ``resolve_adapter`` turns it into its base model, which the request
+is routed as, with the adapter noted for the scheduler (and a version when only one serves it).
+The request itself still names the adapter, which tells the replica what to run.
+
 Priority comes from header ``x-priority``. An unknown class name is *not* an error: it falls back
 to the mesh's default priority (``RoutingView.priority``). A typo in a client's header should
 not turn into failed requests, and the header cannot grant anything: the class only orders work.
@@ -35,6 +40,7 @@ from collections.abc import Mapping
 from urllib.parse import unquote
 
 from extproc.errors import RequestError, body_too_large
+from extproc.routing_view import AdapterView, RoutingView
 from protos.wire import MODEL_ID_HEADER, MODELS_LIST_PATH, PRIORITY_HEADER
 
 # POST endpoints whose model is named only in the JSON body.
@@ -185,6 +191,13 @@ def identify(headers: Mapping[str, str]) -> Identity:
     if priority is not None:
         priority = priority.strip() or None
     return Identity(model, version, priority, path, body_kind, models_query)
+
+
+def resolve_adapter(routing: RoutingView, name: str) -> AdapterView | None:
+    """The LoRA adapter ``name`` is, if it is one: its base ``model`` is what the request is routed
+    as, and its ``version`` (None: the model's split) what it pins. None for any other name (a
+    model's, or one the mesh does not serve): one dict lookup, as it runs per request."""
+    return routing.adapters.get(name)
 
 
 def parse_body(body: bytes, max_bytes: int = 0) -> BodyInfo:

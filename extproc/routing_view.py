@@ -96,12 +96,31 @@ class ProfileView(NamedTuple):
         )
 
 
+class AdapterView(NamedTuple):
+    """A LoRA adapter clients name as the model: served by ``model``'s replicas, pinned to
+    ``version`` when only that version serves it (None: the model's weighted split)."""
+
+    name: str
+    model: str
+    version: str | None
+    openai_body: bytes  # GET /v1/models/{name}
+
+
 class ModelView:
     """One model. ``versions`` in table order; ``routed`` are those with weight > 0, heaviest first
     (the versions Envoy's weighted_clusters can choose). ``scheduling``: this model's own profile,
-    None for the table's."""
+    None for the table's. ``adapters``: its LoRA adapters."""
 
-    __slots__ = ("name", "versions", "by_version", "routed", "openai_body", "allow_version_override", "scheduling")
+    __slots__ = (
+        "name",
+        "versions",
+        "by_version",
+        "routed",
+        "openai_body",
+        "allow_version_override",
+        "scheduling",
+        "adapters",
+    )
 
     def __init__(self, m: mesh_pb2.Model):
         self.name: str = m.name
@@ -114,6 +133,9 @@ class ModelView:
         )
         self.openai_body: bytes = model_body(m.name).encode()  # GET /v1/models/{name}
         self.scheduling: ProfileView | None = ProfileView.from_proto(m.scheduling) if m.HasField("scheduling") else None
+        self.adapters: tuple[AdapterView, ...] = tuple(
+            AdapterView(a.name, m.name, a.version or None, model_body(a.name, m.name).encode()) for a in m.adapters
+        )
 
     def version(self, name: str) -> VersionView | None:
         return self.by_version.get(name)
@@ -216,6 +238,7 @@ class RoutingView:
         "models_list_body",
         "version_header",
         "scheduling",
+        "adapters",
     )
 
     def __init__(
@@ -242,7 +265,11 @@ class RoutingView:
         self.endpoints: dict[str, EndpointView] = {
             e.address: e for m in models.values() for v in m.versions for e in v.endpoints
         }
-        self.models_list_body: bytes = models_list_body(models).encode()
+        # adapter name -> the adapter (the spec keeps adapter and model names apart).
+        self.adapters: dict[str, AdapterView] = {a.name: a for m in models.values() for a in m.adapters}
+        self.models_list_body: bytes = models_list_body(
+            models, ((a.name, a.model) for a in self.adapters.values())
+        ).encode()
 
     @classmethod
     def from_proto(cls, table: mesh_pb2.RoutingTable) -> RoutingView:
@@ -263,6 +290,14 @@ class RoutingView:
     def model(self, name: str) -> ModelView | None:
         return self.models.get(name)
 
+    def entry_body(self, name: str) -> bytes | None:
+        """GET /v1/models/{name}: the entry of the model or LoRA adapter ``name``; None if neither."""
+        model = self.models.get(name)
+        if model is not None:
+            return model.openai_body
+        adapter = self.adapters.get(name)
+        return adapter.openai_body if adapter is not None else None
+
     def priority(self, name: str | None) -> PriorityView:
         """The class named ``name``; the default class for None or an unknown name (not an error)."""
         if name is None:
@@ -278,7 +313,9 @@ class Reading:
     (``-inf`` when it never answered), so its age at any moment is ``now - scraped_at``.
 
     ``prefill_tokens_per_s``, ``prefill_tokens_mean`` and ``decode_step_s`` are what a
-    time-to-first-token estimate needs (the ``ttft`` scorer); 0 = not measured."""
+    time-to-first-token estimate needs (the ``ttft`` scorer); 0 = not measured. ``adapters``: the
+    LoRA adapters active there (running or waiting requests); ``max_adapters``: how many distinct
+    ones a batch may hold (0 = unknown)."""
 
     __slots__ = (
         "address",
@@ -292,6 +329,8 @@ class Reading:
         "prefill_tokens_per_s",
         "prefill_tokens_mean",
         "decode_step_s",
+        "adapters",
+        "max_adapters",
     )
 
     def __init__(
@@ -307,6 +346,8 @@ class Reading:
         prefill_tokens_per_s: float = 0.0,
         prefill_tokens_mean: float = 0.0,
         decode_step_s: float = 0.0,
+        adapters: tuple[str, ...] = (),
+        max_adapters: int = 0,
     ):
         self.address = address
         self.waiting = waiting
@@ -319,6 +360,8 @@ class Reading:
         self.prefill_tokens_per_s = prefill_tokens_per_s  # prompt tokens computed per second of prefill
         self.prefill_tokens_mean = prefill_tokens_mean  # prompt tokens computed per request, recent mean
         self.decode_step_s = decode_step_s  # time per output token: one engine step at the running batch
+        self.adapters = adapters
+        self.max_adapters = max_adapters
 
     def age(self, now: float) -> float:
         return now - self.scraped_at
@@ -358,6 +401,8 @@ class LoadView:
                 e.prefill_tokens_per_s,
                 e.prefill_tokens_mean,
                 e.decode_step_s,
+                tuple(e.adapters),
+                e.max_adapters,
             )
         return cls(report.sequence, received_at, readings)
 

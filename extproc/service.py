@@ -32,6 +32,7 @@ from extproc.identify import (
     identify,
     parse_prompt_body,
     parse_request_body,
+    resolve_adapter,
 )
 from extproc.mesh_view import MeshView
 from extproc.responses import (
@@ -164,7 +165,8 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         the body limit (a larger body is routed on its headers alone, as without affinity)."""
         if identity.model is None or not carries_prompt(headers.get(":method"), identity.path):
             return False
-        if self._picker.prompt_scorer(routing, identity.model) is None:
+        adapter = resolve_adapter(routing, identity.model)  # a LoRA adapter's: its base model's profile
+        if self._picker.prompt_scorer(routing, adapter.model if adapter else identity.model) is None:
             return False
         length = headers.get("content-length")
         limit = routing.max_body_bytes
@@ -185,6 +187,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     ) -> ext.ProcessingResponse:
         """``doc``: the parsed JSON body, when one was read (its prompt, for a prompt scorer)."""
         view = self._view
+        adapter = resolve_adapter(routing, model)
+        if adapter is not None:  # a LoRA adapter's name: routed as its base model, the adapter noted
+            model, version = adapter.model, version or adapter.version
         if requested is not None and version is None:
             # A forced version (A/B testing) only where the spec allows it; elsewhere the header is
             # ignored, as Envoy's fail-open routes ignore it (docs/canary.md).
@@ -201,6 +206,11 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                     # A header-named request's pick keeps tokens 0 (no context-window check, as
                     # before); the scorers still learn its size.
                     request = SchedulingRequest(tokens or estimate_tokens(doc), hashes)
+        if adapter is not None:  # for lora-affinity
+            if request is None:
+                request = SchedulingRequest(tokens, adapter=adapter.name)
+            else:
+                request.adapter = adapter.name
         result = self._picker.pick(
             routing, view.load, model, priority, view.recent_picks, version=version, tokens=tokens, request=request
         )
@@ -224,10 +234,10 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     def _models_response(self, routing: RoutingView, name: str) -> ext.ProcessingResponse:
         if name == "":
             return CONTINUE_HEADERS  # GET /v1/models: Envoy answers from its route, even with us down
-        model = routing.model(name)
-        if model is None:
+        body = routing.entry_body(name)  # a model's or a LoRA adapter's
+        if body is None:
             return immediate(model_not_found(name))
-        return json_reply(200, model.openai_body, reply_details("model"))
+        return json_reply(200, body, reply_details("model"))
 
 
 def _continue(phase: str | None) -> ext.ProcessingResponse:

@@ -15,6 +15,11 @@ Example::
         version: v1            # optional: the KServe v2 model version this replica serves
         gpu: h100
         overrides: {max_num_seqs: 8, kv_capacity_tokens: 20000}
+      - name: llama-h100-b
+        address: 127.0.0.1:19001
+        models: [llama-3-8b]
+        adapters: [sql-lora]   # LoRA adapters of the first model, requested by name as the `model`
+        overrides: {max_loras: 2, adapter_load_s: 0.5}
 
 A port of 0 asks the OS for a free port (the running fleet reports the one it got).
 """
@@ -45,6 +50,9 @@ class ReplicaConfig(BaseModel):
     models: list[str] = Field(min_length=1)
     version: str | None = Field(None, description="KServe v2 version served; None accepts any")
     gpu: str = "h100"
+    adapters: list[str] = Field(
+        default_factory=list, description="LoRA adapters of the first model this replica can serve (fleet/lora.py)"
+    )
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("address")
@@ -70,6 +78,17 @@ class ReplicaConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("model names must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _check_adapters(self) -> ReplicaConfig:
+        if any(not a for a in self.adapters):
+            raise ValueError("adapters: names must not be empty")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ValueError("adapters: names must be unique")
+        clash = sorted(set(self.adapters) & set(self.models))
+        if clash:
+            raise ValueError(f"adapters: {clash} are also model names")
+        return self
 
     @field_validator("gpu")
     @classmethod
@@ -116,6 +135,7 @@ _POSITIVE_INTS = frozenset(
         "prefix_cache_blocks",
         "memory_total_mib",
         "weights_mib",
+        "max_loras",
     }
 )
 

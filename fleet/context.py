@@ -23,6 +23,8 @@ class ServingReplica(Protocol):
     @property
     def models(self) -> list[str]: ...
     @property
+    def adapters(self) -> list[str]: ...  # LoRA adapters of models[0], served when named as the model
+    @property
     def version(self) -> str | None: ...  # the KServe v2 version served; None accepts any
     @property
     def seed(self) -> int: ...
@@ -42,7 +44,7 @@ class ServingReplica(Protocol):
         ...
 
     def check_model(self, model: str) -> None:
-        """404 unless this replica serves `model`."""
+        """404 unless this replica serves `model` (a model or one of its adapters)."""
         ...
 
     def submit(

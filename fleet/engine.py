@@ -12,7 +12,11 @@ It is a small discrete-time model of vLLM's scheduler, run on the event loop:
   sequence also produces its first token, so TTFT = queueing + one step);
 * KV usage is the tokens the batch holds (prompt + generated so far) over the capacity;
 * a prefix cache of cumulatively hashed prompt blocks (bounded LRU) makes a repeated
-  prompt prefix prefill at ~no cost.
+  prompt prefix prefill at ~no cost;
+* a request for a LoRA adapter joins a batch only while the batch holds fewer than
+  ``max_loras`` distinct adapters (else it is skipped, not blocking the queue, as in vLLM), and
+  prefills once its adapter is on the GPU: loading one costs ``adapter_load_s`` while the rest of
+  the batch keeps decoding (``fleet.lora``).
 
 Steps are paced against a virtual deadline rather than by chained sleeps, so the event
 loop's timer slack does not make a replica slower than its profile says.
@@ -27,6 +31,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from fleet.faults import Faults
+from fleet.lora import LoraSlots
 from fleet.profiles import GpuProfile
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ class Sequence:
     __slots__ = (
         "id",
         "model",
+        "adapter",
         "prompt_tokens",
         "block_hashes",
         "max_tokens",
@@ -69,6 +75,8 @@ class Sequence:
         "generated",
         "cached_tokens",
         "finish_reason",
+        "ready_at",
+        "prefilled",
         "_queue",
         "_done",
     )
@@ -83,9 +91,11 @@ class Sequence:
         limit_reason: str,
         arrival: float,
         streaming: bool,
+        adapter: str | None = None,
     ) -> None:
         self.id = seq_id
-        self.model = model
+        self.model = model  # the base model (the metrics' model_name), also for an adapter's request
+        self.adapter = adapter  # the LoRA adapter it runs with, if any
         self.prompt_tokens = prompt_tokens
         self.block_hashes = block_hashes
         self.max_tokens = max_tokens
@@ -97,6 +107,8 @@ class Sequence:
         self.generated = 0
         self.cached_tokens = 0
         self.finish_reason: str | None = None
+        self.ready_at = 0.0  # when admitted: the time its adapter is on the GPU (may prefill from then)
+        self.prefilled = False
         self._queue: asyncio.Queue[int | None] | None = asyncio.Queue() if streaming else None
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -106,8 +118,8 @@ class Sequence:
 
     @property
     def kv_tokens(self) -> int:
-        """Tokens this sequence holds in the KV cache right now."""
-        return self.prompt_tokens + self.generated
+        """Tokens this sequence holds in the KV cache right now (none before its prefill)."""
+        return self.prompt_tokens + self.generated if self.prefilled else 0
 
     async def wait(self) -> Sequence:
         """Wait until the sequence finishes; raises ``EngineStopped`` if it was aborted."""
@@ -153,6 +165,7 @@ class Engine:
         self.time_scale = time_scale
         self.listener = listener
         self.faults = Faults()
+        self.lora = LoraSlots(profile.max_loras, profile.adapter_load_s * time_scale)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._reserved = 0  # KV tokens promised to the running batch (prompt + max_tokens)
@@ -220,8 +233,10 @@ class Engine:
         *,
         limit_reason: str = "length",
         streaming: bool = False,
+        adapter: str | None = None,
     ) -> Sequence:
-        """Queue a request. ``max_tokens`` 0 means prefill only (embeddings, classifiers)."""
+        """Queue a request. ``max_tokens`` 0 means prefill only (embeddings, classifiers);
+        ``adapter``: the LoRA adapter of ``model`` it runs with."""
         if self._task is None:
             raise EngineStopped(f"engine {self.name} is not running")
         self.check_fits(prompt_tokens, max_tokens)
@@ -235,6 +250,7 @@ class Engine:
             limit_reason,
             asyncio.get_running_loop().time(),
             streaming,
+            adapter,
         )
         self._waiting.append(seq)
         self._wake.set()
@@ -277,7 +293,7 @@ class Engine:
 
     @property
     def kv_tokens_held(self) -> int:
-        return sum(s.prompt_tokens + s.generated for s in self._running)
+        return sum(s.kv_tokens for s in self._running)
 
     @property
     def kv_usage(self) -> float:
@@ -294,6 +310,13 @@ class Engine:
         waiting: dict[str, int] = collections.Counter(s.model for s in self._waiting)
         running: dict[str, int] = collections.Counter(s.model for s in self._running)
         return waiting, running
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """(running, waiting): the adapters with running (loading included) and with waiting
+        sequences, each in order of first appearance, as vLLM's scheduler stats list them."""
+        running = dict.fromkeys(s.adapter for s in self._running if s.adapter is not None)
+        waiting = dict.fromkeys(s.adapter for s in self._waiting if s.adapter is not None)
+        return list(running), list(waiting)
 
     def state(self) -> dict[str, Any]:
         """A JSON-ready snapshot, served at ``GET /sim/state``."""
@@ -321,32 +344,59 @@ class Engine:
                 "blocks": len(self._prefix),
                 "capacity_blocks": p.prefix_cache_blocks,
             },
+            "lora": self._lora_state(),
             "time_scale": self.time_scale,
             "faults": self.faults.model_dump(),
         }
 
+    def _lora_state(self) -> dict[str, Any]:
+        running, waiting = self.adapters_in_use()
+        now = asyncio.get_running_loop().time()
+        return {**self.lora.state(now), "running_adapters": running, "waiting_adapters": waiting}
+
     # ---- the loop --------------------------------------------------------------------
 
-    def _admit(self) -> int:
-        """Admit waiting sequences in FIFO order; return their uncached prompt tokens."""
+    def _admit(self, now: float) -> None:
+        """Admit waiting sequences in FIFO order. KV that does not fit blocks the queue; an
+        adapter the batch has no room for only skips its own sequence."""
         p = self.profile
-        uncached = 0
-        now = asyncio.get_running_loop().time()
-        while self._waiting and len(self._running) < p.max_num_seqs:
-            seq = self._waiting[0]
+        waiting = self._waiting
+        batch = {s.adapter for s in self._running if s.adapter is not None}
+        skipped: list[Sequence] = []
+        while waiting and len(self._running) < p.max_num_seqs:
+            seq = waiting[0]
+            adapter = seq.adapter
+            if adapter is not None and not self.lora.admits(adapter, batch):
+                skipped.append(waiting.popleft())  # vLLM skips it and keeps its place in the queue
+                continue
             need = seq.prompt_tokens + seq.max_tokens
             if self._reserved + need > p.kv_capacity_tokens:
                 break  # head-of-line blocks, as vLLM's FCFS scheduler does
-            self._waiting.popleft()
+            waiting.popleft()
             self._reserved += need
             seq.admitted_at = now
+            if adapter is not None:
+                seq.ready_at = self.lora.acquire(adapter, batch, now)
+                batch.add(adapter)
+            self._running.append(seq)
+        waiting.extendleft(reversed(skipped))
+        if batch:
+            self.lora.touch(batch)
+
+    def _prefill(self, now: float) -> int:
+        """Start the prefill of every admitted sequence whose adapter (if any) is ready; return
+        their uncached prompt tokens."""
+        uncached = 0
+        for seq in self._running:
+            if seq.prefilled or seq.ready_at > now:
+                continue
+            seq.prefilled = True
             seq.cached_tokens = self._lookup_prefix(seq)
             uncached += seq.prompt_tokens - seq.cached_tokens
             self.prefix_queries += seq.prompt_tokens
             self.prefix_hits += seq.cached_tokens
             if self.listener is not None:
                 self.listener.on_prefill(seq.model, seq.prompt_tokens, seq.cached_tokens)
-            self._running.append(seq)
         return uncached
 
     def _lookup_prefix(self, seq: Sequence) -> int:
@@ -365,9 +415,9 @@ class Engine:
         # vLLM always recomputes at least the last prompt token.
         return max(0, min(hits * self.profile.block_size, seq.prompt_tokens - 1))
 
-    def _step_seconds(self, uncached: int) -> float:
+    def _step_seconds(self, batch: int, uncached: int) -> float:
         p = self.profile
-        raw = p.decode_base_s + p.decode_per_seq_s * len(self._running) + p.prefill_s_per_token * uncached
+        raw = p.decode_base_s + p.decode_per_seq_s * batch + p.prefill_s_per_token * uncached
         return raw * self.time_scale * self.faults.slowdown
 
     def _emit(self) -> None:
@@ -377,6 +427,8 @@ class Engine:
         done = False
         tokens: dict[str, int] = {}
         for seq in self._running:
+            if not seq.prefilled:  # its adapter is still loading
+                continue
             if seq.max_tokens > 0:
                 tokens[seq.model] = tokens.get(seq.model, 0) + 1
                 seq.generated += 1
@@ -406,15 +458,19 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 deadline = loop.time()
-            uncached = self._admit()
-            if not self._running:
-                # Nothing admissible (cannot happen for requests that passed check_fits).
-                self._wake.clear()
-                await self._wake.wait()
+            now = loop.time()
+            self._admit(now)
+            uncached = self._prefill(now)
+            batch = sum(1 for s in self._running if s.prefilled)
+            if not batch:
+                # Nothing admissible (cannot happen for requests that passed check_fits), or every
+                # admitted sequence waits for its adapter: sleep until one is ready or a request comes.
+                await self._idle_until(min((s.ready_at for s in self._running), default=None))
+                deadline = loop.time()
                 continue
-            step = self._step_seconds(uncached)
+            step = self._step_seconds(batch, uncached)
             self.last_step_s = step
-            self.last_batch = len(self._running)
+            self.last_batch = batch
             deadline += step
             now = loop.time()
             if deadline < now - MAX_LAG_S:
@@ -426,3 +482,16 @@ class Engine:
                 self._emit()
             except Exception:  # never let one bad sequence kill the replica
                 log.exception("engine %s: step failed", self.name)
+
+    async def _idle_until(self, ready_at: float | None) -> None:
+        """Wait for a new request, or until ``ready_at`` (loop time) when given."""
+        self._wake.clear()
+        if ready_at is None:
+            await self._wake.wait()
+            return
+        delay = ready_at - asyncio.get_running_loop().time()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass

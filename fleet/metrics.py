@@ -9,10 +9,19 @@ engine events.
 When a replica serves several models, the queue and batch gauges are split by model (their
 sum is the engine's total) while the KV-cache and GPU gauges are engine-wide and repeated
 under each label. The ``extra_waiting`` fault is reported under the first model.
+
+A replica with LoRA adapters exports ``vllm:lora_requests_info`` as vLLM does: a gauge whose value
+is the wall-clock time it was last current and whose labels carry the news (``running_lora_adapters``
+and ``waiting_lora_adapters``: the adapters with running / waiting sequences, comma-separated;
+``max_lora``). vLLM sets a new label set each step and never removes the old ones, so a scrape
+holds earlier label sets too, with earlier times: a reader takes the newest. Here the label set is
+taken at scrape time, and the last few earlier ones stay on the page.
 """
 
 from __future__ import annotations
 
+import collections
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -95,13 +104,19 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+LORA_INFO = "vllm:lora_requests_info"
+# vLLM's label order: max_lora, waiting_lora_adapters, running_lora_adapters.
+LORA_LABELS = ("max_lora", "waiting_lora_adapters", "running_lora_adapters")
+LORA_HISTORY = 8  # earlier label sets kept on the page (vLLM keeps every one)
+
 
 class ReplicaMetrics:
     """The registry of one replica; implements the engine's ``EngineListener``."""
 
-    def __init__(self, replica: str, models: list[str]) -> None:
+    def __init__(self, replica: str, models: list[str], lora: bool = False) -> None:
         self.replica = replica
         self.models = list(models)
+        self.lora = lora  # export vllm:lora_requests_info (vLLM does only with LoRA enabled)
         r = self.registry = CollectorRegistry(auto_describe=True)
         lbl = ["model_name"]
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", lbl, registry=r)
@@ -160,7 +175,7 @@ class ReplicaMetrics:
 
     def bind(self, engine: Engine) -> None:
         """Register the live gauges that read ``engine`` at scrape time."""
-        self.registry.register(_LiveGauges(engine, self.replica, self.models))
+        self.registry.register(_LiveGauges(engine, self.replica, self.models, self.lora))
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
@@ -196,10 +211,12 @@ class ReplicaMetrics:
 class _LiveGauges(Collector):
     """Queue, batch, KV-cache and DCGM gauges, computed from the engine on each scrape."""
 
-    def __init__(self, engine: Engine, replica: str, models: list[str]) -> None:
+    def __init__(self, engine: Engine, replica: str, models: list[str], lora: bool = False) -> None:
         self.engine = engine
         self.replica = replica
         self.models = models
+        self.lora = lora
+        self._lora_seen: collections.OrderedDict[tuple[str, str, str], float] = collections.OrderedDict()
 
     def collect(self) -> Iterator[Metric]:
         e = self.engine
@@ -239,3 +256,18 @@ class _LiveGauges(Collector):
         fb_free = GaugeMetricFamily("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", labels=dcgm)
         fb_free.add_metric(values, round(p.memory_total_mib - used))
         yield from (util, fb_used, fb_free)
+        if self.lora:
+            yield self._lora_info()
+
+    def _lora_info(self) -> GaugeMetricFamily:
+        running, waiting = self.engine.adapters_in_use()
+        labels = (str(self.engine.lora.max_loras), ",".join(waiting), ",".join(running))
+        seen = self._lora_seen
+        seen[labels] = time.time()
+        seen.move_to_end(labels)
+        while len(seen) > LORA_HISTORY + 1:
+            seen.popitem(last=False)
+        info = GaugeMetricFamily(LORA_INFO, "Running stats on lora requests.", labels=list(LORA_LABELS))
+        for values, at in seen.items():
+            info.add_metric(list(values), at)
+        return info

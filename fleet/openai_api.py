@@ -355,21 +355,24 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """The models, then their LoRA adapters with ``parent`` (vLLM lists adapters so)."""
     replica = replica_of(request)
+    base = replica.models[0]
+    entries = [(m, None) for m in replica.models] + [(a, base) for a in replica.adapters]
     return web.json_response(
         {
             "object": "list",
             "data": [
                 {
-                    "id": m,
+                    "id": name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "imesh-fleet",
-                    "root": m,
-                    "parent": None,
+                    "root": name,
+                    "parent": parent,
                     "max_model_len": replica.profile.max_model_len,
                 }
-                for m in replica.models
+                for name, parent in entries
             ],
         }
     )

@@ -8,7 +8,9 @@ the mesh is the ordering and the shape of the costs, not the absolute values:
 * every engine step costs ``decode_base_s + decode_per_seq_s * batch`` (memory bound, and
   slower as the batch grows, which is what makes a loaded replica a worse pick);
 * ``max_num_seqs`` bounds the batch (continuous batching slots), and
-  ``kv_capacity_tokens`` bounds the tokens the running batch may hold.
+  ``kv_capacity_tokens`` bounds the tokens the running batch may hold;
+* ``max_loras`` bounds the distinct LoRA adapters of one batch (and on the GPU), and loading
+  an adapter that is not resident costs ``adapter_load_s`` (fleet/lora.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class GpuProfile:
     prefix_cache_blocks: int = 4096  # LRU bound of the prefix cache
     memory_total_mib: int = 81559  # DCGM framebuffer total
     weights_mib: int = 16384  # framebuffer used by the model weights
+    max_loras: int = 1  # LoRA adapters per batch and on the GPU (vLLM's --max-loras, default 1)
+    adapter_load_s: float = 0.25  # loading one adapter's weights onto the GPU
 
     def with_overrides(self, overrides: dict[str, Any]) -> GpuProfile:
         """Return a copy with some fields replaced (unknown fields raise ``TypeError``)."""

@@ -38,10 +38,11 @@ class Replica:
         self.config = config
         self.name = config.name
         self.models = list(config.models)
+        self.adapters = list(config.adapters)  # LoRA adapters of models[0], requested by name as the model
         self.version = config.version
         self.seed = seed
         self.profile = profile or config.profile()
-        self.metrics = ReplicaMetrics(self.name, self.models)
+        self.metrics = ReplicaMetrics(self.name, self.models, lora=bool(self.adapters))
         self.engine = Engine(self.name, self.profile, time_scale=time_scale, listener=self.metrics)
         self.metrics.bind(self.engine)
         # Error injection draws from its own seeded stream: reproducible under --seed.
@@ -111,22 +112,32 @@ class Replica:
     def submit(
         self, model: str, tokens: list[str], max_tokens: int, *, limit_reason: str = "length", streaming: bool = False
     ) -> Sequence:
-        """Queue a tokenized prompt on the engine (an empty prompt still costs one token)."""
+        """Queue a tokenized prompt on the engine (an empty prompt still costs one token); a
+        ``model`` that is one of this replica's adapters runs on the base model with that adapter."""
+        base, adapter = self.base_of(model)
         return self.engine.submit(
-            model,
+            base,
             max(1, len(tokens)),
             block_hashes(tokens, self.profile.block_size),
             max_tokens,
             limit_reason=limit_reason,
             streaming=streaming,
+            adapter=adapter,
         )
+
+    def base_of(self, model: str) -> tuple[str, str | None]:
+        """(base model, adapter): an adapter's name resolves to the first model with that adapter,
+        as vLLM serves a LoRA adapter named in a request's ``model``."""
+        if model in self.adapters:
+            return self.models[0], model
+        return model, None
 
     def text_key(self, model: str, tokens: list[str], choice: int = 0) -> bytes:
         """The sampler key of a prompt: same seed, model and prompt give the same text."""
         return prompt_key(self.seed, model, tokens if choice == 0 else [*tokens, f"\x00{choice}"])
 
     def check_model(self, model: str) -> None:
-        if model not in self.models:
+        if model not in self.models and model not in self.adapters:
             raise ApiError(
                 404,
                 f"The model `{model}` does not exist on replica {self.name}.",
@@ -139,6 +150,7 @@ class Replica:
             **self.engine.state(),
             "address": self.address,
             "models": self.models,
+            "adapters": self.adapters,
             "version": self.version,
             "errors_injected": self.errors_injected,
         }

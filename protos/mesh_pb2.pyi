@@ -42,17 +42,27 @@ class ModelVersion(_message.Message):
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ..., cluster: _Optional[str] = ..., context_window: _Optional[int] = ..., engine: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
 class Model(_message.Message):
-    __slots__ = ("name", "versions", "allow_version_override", "scheduling")
+    __slots__ = ("name", "versions", "allow_version_override", "scheduling", "adapters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_VERSION_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULING_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     allow_version_override: bool
     scheduling: SchedulingProfile
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
 
 class PriorityClass(_message.Message):
     __slots__ = ("name", "rank", "preferred_tiers", "strict_tiers", "shed_threshold")
@@ -132,7 +142,7 @@ class RoutingTable(_message.Message):
     def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., priorities: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority: _Optional[str] = ..., scoring: _Optional[_Union[Scoring, _Mapping]] = ..., max_body_bytes: _Optional[int] = ..., version_header: _Optional[str] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
-    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "age_s", "reachable", "latency_s", "prefill_tokens_per_s", "prefill_tokens_mean", "decode_step_s")
+    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "age_s", "reachable", "latency_s", "prefill_tokens_per_s", "prefill_tokens_mean", "decode_step_s", "adapters", "max_adapters")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +154,8 @@ class EndpointLoad(_message.Message):
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_MEAN_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     address: str
     waiting: float
     running: float
@@ -155,7 +167,9 @@ class EndpointLoad(_message.Message):
     prefill_tokens_per_s: float
     prefill_tokens_mean: float
     decode_step_s: float
-    def __init__(self, address: _Optional[str] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache: _Optional[float] = ..., gpu_util: _Optional[float] = ..., age_s: _Optional[float] = ..., reachable: _Optional[bool] = ..., latency_s: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_tokens_mean: _Optional[float] = ..., decode_step_s: _Optional[float] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    max_adapters: int
+    def __init__(self, address: _Optional[str] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache: _Optional[float] = ..., gpu_util: _Optional[float] = ..., age_s: _Optional[float] = ..., reachable: _Optional[bool] = ..., latency_s: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_tokens_mean: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("sequence", "endpoints")

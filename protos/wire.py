@@ -136,24 +136,30 @@ def error_body(type: str, message: str, code: str) -> str:  # noqa: A002 - the f
 # ---------------------------------------------------------------- /v1/models
 
 # Envoy answers GET /v1/models from a route (so it works with the ext_proc down); the ext_proc
-# answers GET /v1/models/{name}. Both describe a model alike.
+# answers GET /v1/models/{name}. Both describe a model alike. A LoRA adapter is listed as vLLM lists
+# it: an entry of its own, with its base model as "parent".
 MODELS_LIST_PATH = "/v1/models"
 MODEL_OWNER = "inference-mesh"
 
 
-def model_entry(name: str) -> dict[str, str | int]:
-    """One model in OpenAI's model-list format."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": MODEL_OWNER}
+def model_entry(name: str, parent: str | None = None) -> dict[str, str | int]:
+    """One model (or, with ``parent``, one LoRA adapter of ``parent``) in OpenAI's model-list format."""
+    entry: dict[str, str | int] = {"id": name, "object": "model", "created": 0, "owned_by": MODEL_OWNER}
+    if parent is not None:
+        entry["parent"] = parent
+    return entry
 
 
-def model_body(name: str) -> str:
-    """GET /v1/models/{name}: the model's entry as compact JSON."""
-    return _compact(model_entry(name))
+def model_body(name: str, parent: str | None = None) -> str:
+    """GET /v1/models/{name}: the model's (or adapter's) entry as compact JSON."""
+    return _compact(model_entry(name, parent))
 
 
-def models_list_body(names: Iterable[str]) -> str:
-    """GET /v1/models: every served model, in order, as compact JSON."""
-    return _compact({"object": "list", "data": [model_entry(name) for name in names]})
+def models_list_body(names: Iterable[str], adapters: Iterable[tuple[str, str]] = ()) -> str:
+    """GET /v1/models: every served model, in order, then every adapter ``(name, parent)``, as
+    compact JSON."""
+    data = [model_entry(name) for name in names] + [model_entry(name, parent) for name, parent in adapters]
+    return _compact({"object": "list", "data": data})
 
 
 def _compact(value: object) -> str:

@@ -43,6 +43,10 @@ class EngineLoad:
     prefill_time_sum: float = 0.0
     decode_step_sum: float = 0.0
     decode_step_count: float = 0.0
+    # LoRA (vLLM's vllm:lora_requests_info): the adapters with running or waiting sequences, running
+    # ones first; and how many distinct adapters a batch may hold (0 = the engine does not say).
+    adapters: tuple[str, ...] = ()
+    max_adapters: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,9 @@ class _EngineNames:
     prefill_tokens: tuple[str, ...] = ()
     prefill_time: tuple[str, ...] = ()
     decode_step: tuple[str, ...] = ()  # histogram families of the time per output token, seconds
+    # Gauge whose newest sample's labels list the active LoRA adapters (running_lora_adapters,
+    # waiting_lora_adapters: comma-separated) and max_lora; its value is the time it was set.
+    lora_info: str = ""
     # Only where the engine's own KV signal *is* GPU memory (Triton). vLLM, SGLang and TRT-LLM
     # preallocate most of the GPU at start, so memory in use says nothing about their KV pressure
     # and would make every replica look saturated.
@@ -72,7 +79,8 @@ class _EngineNames:
             for family in self.prefill_tokens + self.prefill_time + self.decode_step
             for suffix in ("_sum", "_count")
         )
-        return self.waiting + self.running + self.kv_cache + self.gpu_util + latency + histograms
+        lora = (self.lora_info,) if self.lora_info else ()
+        return self.waiting + self.running + self.kv_cache + self.gpu_util + latency + histograms + lora
 
 
 _NAMES: dict[str, _EngineNames] = {
@@ -91,6 +99,7 @@ _NAMES: dict[str, _EngineNames] = {
             "vllm:time_per_output_token_seconds",
             "vllm:request_time_per_output_token_seconds",
         ),
+        lora_info="vllm:lora_requests_info",
     ),
     "sglang": _EngineNames(
         waiting=("sglang:num_queue_reqs",),
@@ -119,6 +128,14 @@ _DCGM_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # percent, 0..100
 _DCGM_FB_USED = "DCGM_FI_DEV_FB_USED"  # MiB
 _DCGM_FB_FREE = "DCGM_FI_DEV_FB_FREE"  # MiB
 _SHARED_NAMES = (_TRITON_MEM_USED, _TRITON_MEM_TOTAL, _DCGM_UTIL, _DCGM_FB_USED, _DCGM_FB_FREE)
+# The families whose labels are read, not only their values.
+_LABELLED = frozenset(n.lora_info for n in _NAMES.values() if n.lora_info)
+_RUNNING_ADAPTERS = "running_lora_adapters"
+_WAITING_ADAPTERS = "waiting_lora_adapters"
+_MAX_ADAPTERS = "max_lora"
+
+# Label sets with their values, by sample name (only for the families in _LABELLED).
+Labelled = dict[str, list[tuple[dict[str, str], float]]]
 
 
 def wanted_names(engine: str) -> frozenset[str]:
@@ -175,9 +192,15 @@ def sample_values(text: str, names: frozenset[str] | None = None) -> dict[str, l
     emit them before the first step) are dropped. ``names`` restricts the result and enables the
     line pre-selection. Raises ``ValueError`` on malformed exposition.
     """
+    return _samples(text, names)[0]
+
+
+def _samples(text: str, names: frozenset[str] | None = None) -> tuple[dict[str, list[float]], Labelled]:
+    """``sample_values``, and the label sets of the ``_LABELLED`` families' samples."""
     if names is not None:
         text = select_families(text, names)
     values: dict[str, list[float]] = {}
+    labelled: Labelled = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if names is not None and not _wanted(sample.name, names):
@@ -186,7 +209,9 @@ def sample_values(text: str, names: frozenset[str] | None = None) -> dict[str, l
             if math.isnan(value):
                 continue
             values.setdefault(sample.name, []).append(value)
-    return values
+            if sample.name in _LABELLED:
+                labelled.setdefault(sample.name, []).append((sample.labels, value))
+    return values, labelled
 
 
 def _first(values: dict[str, list[float]], candidates: Iterable[str]) -> list[float] | None:
@@ -240,8 +265,28 @@ def detect_engine(values: dict[str, list[float]]) -> str | None:
     return None
 
 
-def load_from_values(values: dict[str, list[float]], engine: str) -> EngineLoad:
-    """Reduce parsed samples to an :class:`EngineLoad`; missing metrics read as 0 (gpu as -1)."""
+def _adapter_names(value: str | None) -> list[str]:
+    return [name for name in (part.strip() for part in (value or "").split(",")) if name]
+
+
+def _lora(series: list[tuple[dict[str, str], float]] | None) -> tuple[tuple[str, ...], int]:
+    """(active adapters, max adapters) from the newest sample of a LoRA info gauge.
+
+    vLLM sets a new label set each step and keeps the old ones, with older timestamps as values:
+    only the newest is current. Its running and waiting adapters together are the active ones.
+    """
+    if not series:
+        return (), 0
+    labels = max(series, key=lambda sample: sample[1])[0]
+    active = dict.fromkeys(_adapter_names(labels.get(_RUNNING_ADAPTERS)))
+    active.update(dict.fromkeys(_adapter_names(labels.get(_WAITING_ADAPTERS))))
+    limit = labels.get(_MAX_ADAPTERS, "")
+    return tuple(active), int(limit) if limit.isdigit() else 0
+
+
+def load_from_values(values: dict[str, list[float]], engine: str, labelled: Labelled | None = None) -> EngineLoad:
+    """Reduce parsed samples to an :class:`EngineLoad`; missing metrics read as 0 (gpu as -1).
+    ``labelled``: the label sets of ``_LABELLED`` families (the LoRA adapters), if parsed."""
     key = _engine_key(engine)
     if key == "generic":
         key = detect_engine(values) or "generic"
@@ -255,6 +300,7 @@ def load_from_values(values: dict[str, list[float]], engine: str) -> EngineLoad:
     if gpu is None:
         dcgm = _mean(values.get(_DCGM_UTIL))
         gpu = None if dcgm is None else dcgm / 100.0
+    adapters, max_adapters = _lora(labelled.get(names.lora_info)) if labelled and names.lora_info else ((), 0)
 
     prefill_tokens_sum, prefill_tokens_count = _histogram(values, names.prefill_tokens)
     prefill_time_sum, _ = _histogram(values, names.prefill_time)
@@ -271,6 +317,8 @@ def load_from_values(values: dict[str, list[float]], engine: str) -> EngineLoad:
         prefill_time_sum=prefill_time_sum,
         decode_step_sum=decode_step_sum,
         decode_step_count=decode_step_count,
+        adapters=adapters,
+        max_adapters=max_adapters,
     )
 
 
@@ -280,4 +328,5 @@ def parse_engine_load(text: str, engine: str) -> EngineLoad:
     Raises ``ValueError`` for an unknown engine or malformed exposition text; the caller treats
     the latter as a failed scrape, since a half-read page would report a falsely idle replica.
     """
-    return load_from_values(sample_values(text, wanted_names(engine)), engine)
+    values, labelled = _samples(text, wanted_names(engine))
+    return load_from_values(values, engine, labelled)

@@ -289,6 +289,8 @@ class LoadMonitor:
                     prefill_tokens_per_s=state.prefill_tokens_per_s,
                     prefill_tokens_mean=state.prefill_tokens_mean,
                     decode_step_s=state.decode_step_s,
+                    adapters=load.adapters,
+                    max_adapters=load.max_adapters,
                 )
             )
         return mesh_pb2.LoadReport(sequence=self._latest.sequence, endpoints=endpoints)

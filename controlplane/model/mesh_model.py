@@ -65,12 +65,23 @@ class VersionModel:
 
 
 @dataclass(frozen=True)
+class AdapterModel:
+    """A LoRA adapter of a model: a name clients send as the model, served by the base model's
+    replicas. ``version``: "" when every routed version serves it (the model's weighted split),
+    else the one version requests for it are pinned to."""
+
+    name: str
+    version: str = ""
+
+
+@dataclass(frozen=True)
 class ModelModel:
     name: str
     versions: tuple[VersionModel, ...]
     sticky_header: str = ""  # the weighted split hashes this header (same value -> same version); "" = random
     allow_version_override: bool = False  # the client's defaults.version_header may force a version
     routing_mode: str = "picker"  # "fast": Envoy routes header/path-named requests without the ext_proc
+    adapters: tuple[AdapterModel, ...] = ()  # LoRA adapters, in spec order
 
     def version(self, name: str) -> VersionModel | None:
         return next((v for v in self.versions if v.name == name), None)
@@ -165,16 +176,18 @@ def build_mesh_model(
         versions[id(v)] = entry
         return entry.model
 
-    models = tuple(
-        ModelModel(
+    def model_model(m: ModelSpec) -> ModelModel:
+        built = tuple(version_model(m, v) for v in m.versions)
+        return ModelModel(
             name=m.name,
-            versions=tuple(version_model(m, v) for v in m.versions),
+            versions=built,
             sticky_header=m.ab.sticky_header if m.ab.sticky_header is not None else spec.defaults.sticky_header,
             allow_version_override=m.ab.allow_version_override,
             routing_mode=routing_mode(spec, m),
+            adapters=adapter_models(m, built),
         )
-        for m in spec.models
-    )
+
+    models = tuple(model_model(m) for m in spec.models)
     memo.versions = versions  # only the versions of this build: what the spec dropped is let go
     priorities = tuple(
         PriorityModel(p.name, rank, tuple(p.preferred_tiers), p.strict_tiers, p.shed_threshold)
@@ -182,6 +195,26 @@ def build_mesh_model(
     )
     model_scheduling = {m.name: m.scheduling for m in spec.models if m.scheduling is not None}
     return MeshModel(version, models, priorities, spec.defaults, spec.scoring, spec.scheduling, model_scheduling)
+
+
+def adapter_models(model: ModelSpec, versions: tuple[VersionModel, ...]) -> tuple[AdapterModel, ...]:
+    """Each adapter the model's versions declare, with where its requests go: the model's split
+    when every routed version (weight > 0) serves it; else pinned to the heaviest routed version
+    that does (the first such in spec order), or, when none routed does, the first that declares it."""
+    routed = [v for v in versions if v.weight > 0]
+    heaviest_first = sorted(routed, key=lambda v: -v.weight)  # stable: spec order among equals
+    serving: dict[str, list[str]] = {}
+    for spec_version in model.versions:
+        for name in spec_version.adapters:
+            serving.setdefault(name, []).append(spec_version.name)
+    adapters = []
+    for name, names in serving.items():
+        if all(v.name in names for v in routed):
+            version = ""
+        else:
+            version = next((v.name for v in heaviest_first if v.name in names), names[0])
+        adapters.append(AdapterModel(name, version))
+    return tuple(adapters)
 
 
 def routing_mode(spec: MeshSpec, model: ModelSpec) -> str:

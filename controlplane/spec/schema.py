@@ -104,6 +104,16 @@ class VersionSpec(_Strict):
         default="http1", description="how Envoy talks to the replicas: http2 for gRPC (KServe v2) servers"
     )
     endpoints: list[EndpointSpec] = Field(default_factory=list)
+    adapters: list[Annotated[str, Field(pattern=_NAME)]] = Field(
+        default_factory=list,
+        description="LoRA adapters the version's replicas serve: names clients send as the model (docs/spec.md)",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapters(cls, value: list[str]) -> list[str]:
+        _no_repeats("adapter", value)
+        return value
 
 
 class ABSpec(_Strict):
@@ -314,6 +324,7 @@ class MeshSpec(_Strict):
                     owner = f"{model.name}/{version.name}"
                     if seen.setdefault(endpoint.address, owner) != owner:
                         problems.append(f"{where}.address: {endpoint.address} already serves {seen[endpoint.address]}")
+        _check_adapters(self.models, problems)
         if self.defaults.priority not in {p.name for p in self.priorities}:
             problems.append(f"defaults.priority: {self.defaults.priority!r} is not a priority class")
         if problems:
@@ -325,6 +336,21 @@ class MeshSpec(_Strict):
 
     def pool(self, name: str) -> Pool | None:
         return next((p for p in self.pools if p.name == name), None)
+
+
+def _check_adapters(models: list[ModelSpec], problems: list[str]) -> None:
+    """An adapter's name is a name clients send as the model: it must name no model, nor adapters
+    of two models (the mesh could not tell which base model serves it)."""
+    model_names = {m.name for m in models}
+    owner: dict[str, str] = {}
+    for mi, model in enumerate(models):
+        for vi, version in enumerate(model.versions):
+            for ai, adapter in enumerate(version.adapters):
+                where = f"models[{mi}].versions[{vi}].adapters[{ai}]"
+                if adapter in model_names:
+                    problems.append(f"{where}: adapter {adapter!r} is also the name of a model")
+                elif owner.setdefault(adapter, model.name) != model.name:
+                    problems.append(f"{where}: adapter {adapter!r} is already an adapter of model {owner[adapter]!r}")
 
 
 def _require_unique(field: str, names: list[str], problems: list[str]) -> None:

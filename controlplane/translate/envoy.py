@@ -387,7 +387,9 @@ def _direct_body_limit(routes: list[route_components_pb2.Route]) -> int:
 
 def _models_list_route(model: MeshModel) -> route_components_pb2.Route:
     """GET /v1/models is answered by Envoy itself, so it works even with the picker down."""
-    body = models_list_body(m.name for m in model.models)
+    body = models_list_body(
+        (m.name for m in model.models), ((a.name, m.name) for m in model.models for a in m.adapters)
+    )
     return route_components_pb2.Route(
         name="models-list",
         match=route_components_pb2.RouteMatch(path=MODELS_LIST_PATH),
@@ -471,6 +473,7 @@ def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.
             model,
         )
     )
+    routes += _adapter_routes(m, model, split)
     if m.routing_mode == "fast":
         # Fast path: a request whose own header or path names this model skips the ext_proc and
         # Envoy balances it (override_host's least-request fallback) on the load-aware EDS
@@ -479,6 +482,27 @@ def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.
             if not any(h.name == MODEL_HEADER for h in route.match.headers):
                 route.typed_per_filter_config[EXTPROC_FILTER].CopyFrom(_extproc_disabled())
     return routes
+
+
+def _adapter_routes(
+    m: ModelModel, model: MeshModel, split: route_components_pb2.RouteAction
+) -> list[route_components_pb2.Route]:
+    """Fail-open twins of the ext_proc's adapter resolution: a LoRA adapter named in x-model-id goes
+    to its base model's clusters (the split, or the one version that serves it); the request, its
+    model still the adapter's name, tells the replica which adapter to run."""
+    routes = []
+    for a in m.adapters:
+        match = route_components_pb2.RouteMatch(
+            prefix="/", headers=[route_components_pb2.HeaderMatcher(name=MODEL_ID_HEADER, string_match=_exact(a.name))]
+        )
+        pinned = m.version(a.version) if a.version else None
+        action = _version_action(m, pinned, model) if pinned is not None else split
+        routes.append(_route(f"{m.name}/adapter/{a.name}", match, action, m, model, pinned=pinned))
+    return routes
+
+
+def _exact(value: str) -> string_pb2.StringMatcher:
+    return string_pb2.StringMatcher(exact=value)
 
 
 def has_fast_path(model: MeshModel) -> bool:

@@ -39,6 +39,7 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
                 ],
                 allow_version_override=m.allow_version_override,
                 scheduling=_profile(model.model_scheduling.get(m.name)),
+                adapters=[mesh_pb2.LoraAdapter(name=a.name, version=a.version) for a in m.adapters],
             )
             for m in model.models
         ],

@@ -41,6 +41,9 @@ from extproc.scheduler.selection import MaxScore
 INF = math.inf
 DEFAULT_HOSTS_PER_VERSION = 3
 DEFAULT_RUNNING_WEIGHT = 1.0  # the running batch's weight in the default profile (not in `scoring:`)
+# LoRA adapter affinity's, likewise: an active adapter against a free slot is worth about one request in
+# flight. A request scorer: requests without an adapter, and replicas without LoRA, get nothing from it.
+DEFAULT_LORA_AFFINITY_WEIGHT = 2.0
 
 _clock = time.perf_counter_ns
 
@@ -356,13 +359,15 @@ def default_filters() -> tuple[Filter, ...]:
 
 def default_scorers(scoring: ScoringView, running_weight: float = DEFAULT_RUNNING_WEIGHT) -> tuple[Scorer, ...]:
     """Queue (with in-flight added), KV cache, in-flight, running batch and recent latency, with the
-    table's ``scoring`` weights (the running batch at ``running_weight``)."""
+    table's ``scoring`` weights (the running batch at ``running_weight``), and LoRA adapter affinity
+    (it rates only requests that name an adapter)."""
     weights = {
         "queue": scoring.queue_weight,
         "kv-cache": scoring.kv_cache_weight,
         "inflight": scoring.inflight_weight,
         "running": running_weight,
         "latency": scoring.latency_weight,
+        "lora-affinity": DEFAULT_LORA_AFFINITY_WEIGHT,
     }
     return tuple(make_scorer(name, weight) for name, weight in weights.items())
 

@@ -49,6 +49,7 @@ SCORERS: dict[str, Plugin] = {
         "extproc.scheduler.scorers.prefix_affinity:PrefixAffinityScorer",
         params=("block_chars", "max_blocks", "ttl_s", "max_entries", "max_entries_per_replica"),
     ),
+    "lora-affinity": Plugin("extproc.scheduler.scorers.lora_affinity:LoraAffinityScorer"),
 }
 
 # Today's filter chain, the default profile's: drained -> tier preference -> freshness -> (shed
