@@ -13,6 +13,7 @@ from pathlib import Path
 import uvloop
 from prometheus_client import disable_created_metrics
 
+from controlplane.errors import StateError
 from controlplane.server import ControlPlane, ControlPlaneConfig
 from controlplane.spec.schema import SpecError, load_spec
 from controlplane.translate.envoy import EnvoyOptions
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listener-host", default="127.0.0.1", help="address Envoy's listener binds")
     parser.add_argument("--listener-port", type=int, default=8080)
     parser.add_argument("--scrape-interval", type=float, default=0.1, help="seconds between load scrapes")
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a change waits for every Envoy's ACK before the API reports it unconfirmed",
+    )
     parser.add_argument("--stats-window", type=float, default=30.0, help="seconds of traffic `imesh status` reports")
     telemetry = parser.add_argument_group("telemetry (docs/observability.md)")
     telemetry.add_argument("--access-log-path", default="/dev/stdout", help="Envoy's JSON access log file ('' = none)")
@@ -87,6 +94,7 @@ async def serve(args: argparse.Namespace) -> None:
         ),
         scrape_interval_s=args.scrape_interval,
         stats_window_s=args.stats_window,
+        ack_timeout_s=args.ack_timeout,
     )
     control_plane = ControlPlane(config)
     await control_plane.start()
@@ -115,6 +123,9 @@ def main() -> None:
         uvloop.run(serve(args))
     except SpecError as exc:
         print(f"error: invalid spec:\n{exc}", file=sys.stderr)
+        sys.exit(2)
+    except StateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

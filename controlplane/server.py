@@ -22,7 +22,7 @@ from controlplane.canary.controller import CanaryController, reconcile_overrides
 from controlplane.errors import ConfigRejected
 from controlplane.load.fast_path import LoadWeights
 from controlplane.load.monitor import LoadMonitor, targets_from_table
-from controlplane.model.mesh_model import MeshModelMemo, build_mesh_model
+from controlplane.model.mesh_model import MeshModel, MeshModelMemo, build_mesh_model
 from controlplane.spec.diff import diff_specs
 from controlplane.spec.schema import MeshSpec, dump_spec
 from controlplane.state.overrides import Overrides
@@ -75,6 +75,9 @@ class ControlPlane:
         self._rebuilt = asyncio.Condition()
         self._built_version = 0
         self._rejected: dict[int, str] = {}
+        self._unconfirmed: dict[int, str] = {}  # config version -> the Envoys that had not ACKed it in time
+        self._held_table: asyncio.Task | None = None  # publishes a late-ACKed version's routing table
+        self._builds = 0  # rebuilds started: a held table is published only if no newer build exists
         self._tasks: list[asyncio.Task] = []
         self._server: grpc.aio.Server | None = None
         self.canary = CanaryController(self)
@@ -106,10 +109,14 @@ class ControlPlane:
         await self.canary.stop()
         for task in self._tasks:
             task.cancel()
+        if self._held_table is not None:
+            self._held_table.cancel()
+            self._tasks.append(self._held_table)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace=0.5)
         await self.load_monitor.stop()
+        self.store.close()  # frees the state directory for the next control plane
 
     @property
     def ready(self) -> bool:
@@ -190,6 +197,11 @@ class ControlPlane:
     async def _rebuild(self) -> None:
         state = self.store.state
         started = time.perf_counter()
+        self._builds += 1
+        build = self._builds
+        if self._held_table is not None:
+            self._held_table.cancel()  # this build supersedes the version it held back
+            self._held_table = None
         model = build_mesh_model(
             state.spec, state.overrides, state.version, lb_weights=self.load_weights.current, memo=self._model_memo
         )
@@ -200,36 +212,61 @@ class ControlPlane:
         log.debug("config version %d built in %.1f ms", state.version, (time.perf_counter() - started) * 1e3)
         published = await self.cache.publish(snapshot)
         self.store.bump_version(int(published.version))  # xDS and config versions stay one sequence
-        rejection = await self._envoy_outcome(published.version)
-        if rejection is None:
-            # Only after Envoy has the routes may the pickers steer to them.
-            table = translate_routing_table(model)
-            await self.tables.publish(table)
-            self.load_monitor.set_targets(targets_from_table(table))
-            self.observability.set_model(model)
+        outcome = await self._envoy_outcome(published.version, self.config.ack_timeout_s)
+        if outcome.acked:
+            await self._publish_table(model)  # only after Envoy has the routes may the pickers steer to them
+        elif outcome.rejection is not None:
+            self._rejected[state.version] = outcome.rejection
         else:
-            self._rejected[state.version] = rejection
+            # Not ACKed in time (a hung or slow Envoy): the change is saved and Envoy will get it,
+            # but the pickers stay on the table Envoy is known to have until it confirms.
+            self._unconfirmed[state.version] = outcome.pending
+            while len(self._unconfirmed) > _UNCONFIRMED_KEPT:
+                del self._unconfirmed[min(self._unconfirmed)]
+            self._held_table = asyncio.create_task(self._publish_when_acked(published.version, model, build))
         async with self._rebuilt:
             self._built_version = state.version
             self._rebuilt.notify_all()
         log.info("config version %d published in %.1f ms", state.version, (time.perf_counter() - started) * 1e3)
 
-    async def _envoy_outcome(self, version: str) -> str | None:
-        """Wait (bounded) until every connected Envoy ACKed `version`; Envoy's message if one NACKed it."""
-        deadline = time.monotonic() + self.config.ack_timeout_s
+    async def _publish_table(self, model: MeshModel) -> None:
+        table = translate_routing_table(model)
+        await self.tables.publish(table)
+        self.load_monitor.set_targets(targets_from_table(table))
+        self.observability.set_model(model)
+
+    async def _publish_when_acked(self, version: str, model: MeshModel, build: int) -> None:
+        outcome = await self._envoy_outcome(version, timeout_s=math.inf)
+        if outcome.acked and build == self._builds:  # a newer build would have cancelled this task anyway
+            log.info("config version %s ACKed late; the pickers now steer by it", version)
+            await self._publish_table(model)
+
+    def confirmation(self, version: int) -> str | None:
+        """Why config version `version` is not confirmed as applied; None once every Envoy ACKed it."""
+        pending = self._unconfirmed.get(version)
+        if pending is None:
+            return None
+        return (
+            f"config version {version} is saved, but {pending} not acknowledged it within "
+            f"{self.config.ack_timeout_s:g} s; it is applied when Envoy catches up (`imesh status` shows "
+            "each Envoy's version), and until then requests are routed by the previous version"
+        )
+
+    async def _envoy_outcome(self, version: str, timeout_s: float) -> EnvoyOutcome:
+        """Wait (bounded) until every connected Envoy ACKed `version`, or one NACKed it."""
+        deadline = time.monotonic() + timeout_s
         while True:
             nodes = [n for n in self.cache.node_statuses() if n.connected]
             for node in nodes:
                 if node.nack is not None and node.nack.version == version:
-                    return f"{node.node_id} rejected {node.nack.type_url.rsplit('.', 1)[-1]}: {node.nack.message}"
-            synced = all(n.synced_version and int(n.synced_version) >= int(version) for n in nodes)
-            if synced:
-                return None
+                    kind = node.nack.type_url.rsplit(".", 1)[-1]
+                    return EnvoyOutcome(rejection=f"{node.node_id} rejected {kind}: {node.nack.message}")
+            behind = [n.node_id for n in nodes if not (n.synced_version and int(n.synced_version) >= int(version))]
+            if not behind:
+                return EnvoyOutcome(acked=True)
             if time.monotonic() > deadline:
-                log.warning(
-                    "config version %s not yet ACKed by every Envoy after %.0fs", version, self.config.ack_timeout_s
-                )
-                return None
+                log.warning("config version %s not yet ACKed by %s after %.0fs", version, ", ".join(behind), timeout_s)
+                return EnvoyOutcome(pending=_nodes_phrase(behind))
             await asyncio.sleep(0.01)
 
     # ------------------------------------------------------------ status
@@ -252,6 +289,22 @@ class ControlPlane:
             load=self.load_monitor.latest(),
         )
         return self.observability.fill_status(status)
+
+
+_UNCONFIRMED_KEPT = 64  # recent versions whose callers may still ask why they are unconfirmed
+
+
+@dataclass(frozen=True)
+class EnvoyOutcome:
+    """What the connected Envoys made of a config version: ACKed by all, NACKed, or still pending."""
+
+    acked: bool = False
+    rejection: str | None = None  # Envoy's own words
+    pending: str = ""  # the Envoys not yet synced, as a phrase
+
+
+def _nodes_phrase(node_ids: list[str]) -> str:
+    return f"Envoy {node_ids[0]} has" if len(node_ids) == 1 else f"Envoys {', '.join(node_ids)} have"
 
 
 def _prune_overrides(overrides: Overrides, spec: MeshSpec) -> Overrides:

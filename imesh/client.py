@@ -23,6 +23,17 @@ def default_server() -> str:
     return os.environ.get(SERVER_ENV, DEFAULT_SERVER)
 
 
+# What grpc-core says when the client's own deadline passed; the control plane's DEADLINE_EXCEEDED
+# (a change saved but not ACKed by every Envoy in time) carries its own explanation instead.
+_LOCAL_DEADLINE = "Deadline Exceeded"
+
+
+def _unreachable(exc: grpc.RpcError) -> bool:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and (exc.details() or _LOCAL_DEADLINE) == _LOCAL_DEADLINE
+
+
 class MeshClient:
     def __init__(self, server: str | None = None, timeout_s: float = 10.0):
         self.server = server or default_server()
@@ -43,7 +54,7 @@ class MeshClient:
         try:
             return method(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if _unreachable(exc):
                 raise MeshError(
                     f"cannot reach the control plane at {self.server} ({exc.code().name}); "
                     f"is `imesh up` running? (set --server or ${SERVER_ENV})"

@@ -149,13 +149,18 @@ def test_canary_state_survives_the_store_and_old_state_files_still_load(tmp_path
         gates=Gates(0.01, 2.0, 20),
     ).with_event(1.0, "started")
     store.commit(overrides=Overrides(weights={"chat": {"v1": 7500, "v2": 2500}}, canaries={"chat": state}))
-    assert StateStore(tmp_path, spec).state.overrides.canaries == {"chat": state}
+    store.close()  # a store holds its directory's lock
+    reopened = StateStore(tmp_path, spec)
+    assert reopened.state.overrides.canaries == {"chat": state}
+    reopened.close()
     assert not list(tmp_path.glob(".*.tmp"))  # the temp file was renamed over, not left behind
 
     document = json.loads((tmp_path / STATE_FILE).read_text())  # as written before canaries existed
     del document["overrides"]["canaries"]
     (tmp_path / STATE_FILE).write_text(json.dumps(document))
-    restored = StateStore(tmp_path, spec).state
+    store = StateStore(tmp_path, spec)
+    restored = store.state
+    store.close()
     assert restored.overrides.canaries == {} and restored.overrides.weights == {"chat": {"v1": 7500, "v2": 2500}}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+import signal
 import threading
 import time
 
@@ -126,6 +127,29 @@ def test_config_envoy_rejects_is_reported_and_not_half_applied(tmp_path):
         assert r.status_code == 404
         assert traffic.failures() == [] and len(traffic.outcomes) > 5
         assert httpx.post(f"{mesh.url}/v1/chat/completions", json=chat("chat")).status_code == 200
+
+
+def test_a_change_a_hung_envoy_never_acked_is_not_reported_as_applied(tmp_path):
+    mesh = two_version_mesh(tmp_path, v2_weight=0)
+    mesh.mesh.controlplane_args = ("--ack-timeout", "1")
+    with mesh.mesh, MeshClient(mesh.mesh.control_plane_address) as client:
+        assert versions_served(mesh.url, 10) == {"v1": 10}
+        table_before = client.status().table.version
+        envoy = mesh.mesh.processes["envoy"].popen
+        envoy.send_signal(signal.SIGSTOP)  # connected, but it reads and ACKs nothing
+        try:
+            with pytest.raises(MeshError) as unconfirmed:
+                client.set_canary("chat", "v2", 100)
+            message = str(unconfirmed.value)
+            assert re.search(r"config version \d+ is saved, but Envoy \S+ has not acknowledged it within 1 s", message)
+            # The pickers keep the table Envoy is known to have: no steering to routes it may lack.
+            assert client.status().table.version == table_before
+            assert any(n.connected for n in client.status().nodes)
+        finally:
+            envoy.send_signal(signal.SIGCONT)
+        # Saved, so applied once Envoy catches up: the late ACK releases the held table.
+        wait_until(lambda: client.status().table.version > table_before, 30, "the held routing table")
+        wait_until(lambda: versions_served(mesh.url, 10) == {"v2": 10}, 30, "traffic on v2")
 
 
 def test_envoy_serves_while_control_plane_is_down_and_resyncs_after(tmp_path):

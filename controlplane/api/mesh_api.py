@@ -59,6 +59,7 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
             ]
             if diff and not request.dry_run:
                 version = await self._admin.apply_spec(spec)
+                await self._confirmed(context, version)
         except (ConfigRejected, Conflict) as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return mesh_pb2.ApplySpecResponse(changed=bool(diff), diff=diff, config_version=version)
@@ -76,10 +77,16 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
         model = build_mesh_model(state.spec, state.overrides, state.version)
         return mesh_pb2.RoutesResponse(config_version=state.version, routes=route_entries(model))
 
+    async def _confirmed(self, context: Context, version: int) -> None:
+        """A change an Envoy has not ACKed is not reported as applied: DEADLINE_EXCEEDED says why."""
+        if (unconfirmed := self._admin.confirmation(version)) is not None:
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, unconfirmed)
+
     # ------------------------------------------------------------ canary and drain
     # Each maps the control plane's errors to a status the CLI turns into a clear message:
     # INVALID_ARGUMENT (unknown name, bad value), FAILED_PRECONDITION (state forbids it, or Envoy
-    # rejected the change: its own message), nothing half-applied either way.
+    # rejected the change: its own message), DEADLINE_EXCEEDED (saved, but an Envoy has not ACKed
+    # it yet), nothing half-applied either way.
 
     async def SetCanary(self, request: mesh_pb2.SetCanaryRequest, context: Context) -> mesh_pb2.CanaryChange:
         return await self._canary_change(
@@ -109,6 +116,8 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
 
     async def SetDrain(self, request: mesh_pb2.DrainRequest, context: Context) -> mesh_pb2.DrainResponse:
         result = await _guarded(context, set_drain(self._admin, request.address, request.drained))
+        if result.changed:
+            await self._confirmed(context, result.config_version)
         return mesh_pb2.DrainResponse(
             config_version=result.config_version, changed=result.changed, model=result.model, version=result.version
         )
@@ -117,6 +126,7 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
         self, context: Context, operation: Awaitable[tuple[int, CanaryState]]
     ) -> mesh_pb2.CanaryChange:
         version, state = await _guarded(context, operation)
+        await self._confirmed(context, version)
         view = next(v for v in self._admin.canary.status(state.model) if v.state.model == state.model)
         return mesh_pb2.CanaryChange(config_version=version, canary=canary_proto(view))
 

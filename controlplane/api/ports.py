@@ -45,6 +45,10 @@ class MeshAdmin(DesiredState, Protocol):
         """Apply `spec`; the new config version once Envoy ACKed it."""
         ...
 
+    def confirmation(self, version: int) -> str | None:
+        """Why config version `version` is not confirmed as applied (an Envoy has not ACKed it); None if it is."""
+        ...
+
     def status(self) -> mesh_pb2.MeshStatus: ...
 
 
