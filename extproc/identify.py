@@ -41,17 +41,8 @@ from urllib.parse import unquote
 
 from extproc.errors import RequestError, body_too_large
 from extproc.routing_view import AdapterView, RoutingView
-from protos.wire import MODEL_ID_HEADER, MODELS_LIST_PATH, PRIORITY_HEADER
+from protos.wire import BODY_MODEL_PATHS, MODEL_ID_HEADER, MODELS_LIST_PATH, PRIORITY_HEADER
 
-# POST endpoints whose model is named only in the JSON body.
-BODY_MODEL_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-    }
-)
 # POST endpoints whose body carries a prompt that prefix affinity can read (prefix/prompt.py).
 PROMPT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 # Identity.body_kind when the model is named and the body is read only for its prompt.

@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable
 
 __all__ = [
+    "BODY_MODEL_PATHS",
     "BOOTSTRAP_CLUSTERS",
     "DETAILS_PREFIX",
     "ENDPOINT_HEADER",
@@ -26,6 +27,7 @@ __all__ = [
     "MODEL_ID_HEADER",
     "MODEL_NOT_FOUND",
     "MODEL_OWNER",
+    "PICKER_UNAVAILABLE_CODE",
     "PICK_METADATA_KEY",
     "PICK_METADATA_NAMESPACE",
     "POOL_HEADER",
@@ -53,6 +55,17 @@ __all__ = [
 MODEL_ID_HEADER = "x-model-id"
 # The priority class; the ext_proc applies it and the access log labels records with it.
 PRIORITY_HEADER = "x-priority"
+
+# POST endpoints whose model is named only in the JSON body: the ext_proc reads it there, and with
+# the ext_proc unavailable Envoy's route for them answers an honest 503, not "unknown model".
+BODY_MODEL_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    }
+)
 
 # ---------------------------------------------------------------- the mesh's own headers
 
@@ -116,6 +129,9 @@ ERROR_TYPES: dict[int, str] = {
 }
 # The code of "no such model or version": Envoy's catch-all route and the ext_proc both answer it.
 MODEL_NOT_FOUND = "model_not_found"
+# The code of Envoy's answer to a body-named request when the ext_proc failed open (down, saturated
+# or past its timeout): only the ext_proc reads bodies, so the model is unknown to Envoy, not absent.
+PICKER_UNAVAILABLE_CODE = "picker_unavailable"
 
 
 def error_type(status: int) -> str:

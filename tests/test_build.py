@@ -57,3 +57,12 @@ def test_bootstrap_static_clusters_are_the_wire_contracts():
     assert all(c["load_assignment"]["cluster_name"] == name for name, c in clusters.items())
     ads = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"]
     assert [s["envoy_grpc"]["cluster_name"] for s in ads] == [wire.XDS_CLUSTER]
+
+
+def test_the_extproc_cluster_holds_thousands_of_concurrent_streams():
+    """Each request in flight holds an ext_proc stream; Envoy's default breaker (1,024) would fail
+    the 1,025th open, and a body-named model would then be unreadable."""
+    bootstrap = yaml.safe_load(render_bootstrap(EnvoyPorts(admin=19901, xds=28000, extproc=28001)))
+    (extproc,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "imesh_extproc"]
+    (thresholds,) = extproc["circuit_breakers"]["thresholds"]
+    assert min(thresholds[k] for k in ("max_connections", "max_pending_requests", "max_requests")) >= 100_000

@@ -217,3 +217,16 @@ def test_requests_survive_the_picker_going_down(tmp_path):
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
         versions = collections.Counter(r.headers["x-imesh-version"] for r in responses)
         assert versions["v1"] > 10 and versions["v2"] > 10, versions
+
+        # A model named only in the body cannot be read without the picker: an honest 503 with
+        # Retry-After (the model exists), never the catch-all's 404; what Envoy can judge stays 404.
+        body_named = httpx.post(f"{mesh.url}/v1/chat/completions?x=1", json=chat("chat"), timeout=10)
+        assert body_named.status_code == 503 and body_named.headers["retry-after"] == "1"
+        error = body_named.json()["error"]
+        assert error["code"] == "picker_unavailable" and error["type"] == "service_unavailable"
+        assert "x-model-id" in error["message"]
+        unknown = httpx.post(
+            f"{mesh.url}/v1/chat/completions", headers={"x-model-id": "nope"}, json=chat("nope"), timeout=10
+        )
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+        assert httpx.get(f"{mesh.url}/not-an-api", timeout=10).status_code == 404

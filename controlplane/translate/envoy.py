@@ -46,6 +46,7 @@ from controlplane.model.mesh_model import MeshModel, ModelModel, VersionModel
 from controlplane.translate import telemetry as translate_telemetry
 from controlplane.translate.memo import NO_MEMO, TranslationMemo, model_routes_key, routes_key
 from protos.wire import (
+    BODY_MODEL_PATHS,
     ENDPOINT_HEADER,
     EXTPROC_CLUSTER,
     INTERNAL_HEADER_PREFIX,
@@ -55,6 +56,7 @@ from protos.wire import (
     MODELS_LIST_PATH,
     PICK_METADATA_KEY,
     PICK_METADATA_NAMESPACE,
+    PICKER_UNAVAILABLE_CODE,
     POOL_HEADER,
     TELEMETRY_METADATA_NAMESPACE,
     VERSION_HEADER,
@@ -358,6 +360,7 @@ def translate_routes(model: MeshModel, memo: TranslationMemo | None = None) -> r
     routes = [_models_list_route(model)]
     for m in model.models:
         routes += memo.get("model-routes", model_routes_key(m), _model_routes, m, model)
+    routes += _picker_unavailable_routes()
     routes.append(_unknown_model_route())
     config = route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
@@ -400,6 +403,31 @@ def _models_list_route(model: MeshModel) -> route_components_pb2.Route:
     )
 
 
+def _picker_unavailable_routes() -> list[route_components_pb2.Route]:
+    """A body-named request only reaches these when the ext_proc failed open (down, overloaded, past
+    its timeout): had it run, it would have named the route or refused the request itself. The model
+    may well exist, so the answer is 503 with Retry-After, not the catch-all's 404."""
+    body = error_body(
+        error_type(503),
+        f"the mesh's picker is unavailable, so the model named in the body cannot be read; retry, "
+        f"or name the model in the {MODEL_ID_HEADER} header to route without the picker",
+        PICKER_UNAVAILABLE_CODE,
+    )
+    no_model_header = route_components_pb2.HeaderMatcher(name=MODEL_ID_HEADER, present_match=False)
+    post = exact(":method", "POST")
+    return [
+        route_components_pb2.Route(
+            name=f"picker-unavailable{path}",
+            match=route_components_pb2.RouteMatch(path=path, headers=[post, no_model_header]),
+            direct_response=route_components_pb2.DirectResponseAction(
+                status=503, body=base_pb2.DataSource(inline_string=body)
+            ),
+            response_headers_to_add=[_header("content-type", "application/json"), _header("retry-after", "1")],
+        )
+        for path in sorted(BODY_MODEL_PATHS)
+    ]
+
+
 def _unknown_model_route() -> route_components_pb2.Route:
     return route_components_pb2.Route(
         name="unknown-model",
@@ -418,9 +446,6 @@ def _unknown_model_route() -> route_components_pb2.Route:
 
 def _model_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.Route]:
     """Routes for one model, most specific first: pinned versions, then the weighted split."""
-    exact = lambda name, value: route_components_pb2.HeaderMatcher(  # noqa: E731
-        name=name, string_match=string_pb2.StringMatcher(exact=value)
-    )
     routes = []
     for v in m.versions:
         routes.append(
@@ -505,6 +530,11 @@ def _exact(value: str) -> string_pb2.StringMatcher:
     return string_pb2.StringMatcher(exact=value)
 
 
+def exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
+    """A route matcher: header ``name`` equals ``value``."""
+    return route_components_pb2.HeaderMatcher(name=name, string_match=_exact(value))
+
+
 def has_fast_path(model: MeshModel) -> bool:
     return any(m.routing_mode == "fast" for m in model.models)
 
@@ -531,9 +561,6 @@ def _extproc_enabled() -> any_pb2.Any:
 def _forced_version_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.Route]:
     """Fail-open twins of the ext_proc's forced version: the client's version header, honoured
     only for models whose spec allows it, pins that version; an unknown one is 404 either way."""
-    exact = lambda name, value: route_components_pb2.HeaderMatcher(  # noqa: E731
-        name=name, string_match=string_pb2.StringMatcher(exact=value)
-    )
     by_id = exact(MODEL_ID_HEADER, m.name)
     header = model.defaults.version_header
     routes = [
