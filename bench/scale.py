@@ -75,7 +75,12 @@ def synthetic_spec(models: int = MODELS, endpoints_per_model: int = ENDPOINTS_PE
             weight = (90 if vi == 0 else 10) if len(names) == 2 else 100
             versions.append({"name": name, "weight": weight, "context_window": 8192, "endpoints": endpoints})
         out.append({"name": f"model-{m:04d}", "versions": versions})
-    return MeshSpec.model_validate({"apiVersion": "imesh/v1", "kind": "Mesh", "pools": pools, "models": out})
+    # No active health checks: Envoy would probe every closed port each interval, and this measures
+    # config distribution (a health-checked endpoint's status is then its check's, not the spec's).
+    resilience = {"health_checks": {"enabled": False}}
+    return MeshSpec.model_validate(
+        {"apiVersion": "imesh/v1", "kind": "Mesh", "pools": pools, "models": out, "resilience": resilience}
+    )
 
 
 def envoy_options(listener_port: int) -> EnvoyOptions:

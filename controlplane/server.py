@@ -232,7 +232,7 @@ class ControlPlane:
     async def _publish_table(self, model: MeshModel) -> None:
         table = translate_routing_table(model)
         await self.tables.publish(table)
-        self.load_monitor.set_targets(targets_from_table(table))
+        self.load_monitor.set_targets(targets_from_table(table, health=model.resilience.health_checks))
         self.observability.set_model(model)
 
     async def _publish_when_acked(self, version: str, model: MeshModel, build: int) -> None:

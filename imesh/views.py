@@ -173,7 +173,9 @@ def _endpoint_state(endpoint: mesh_pb2.Endpoint, reading: mesh_pb2.EndpointLoad 
         return "drained"
     if reading is None:
         return "unknown"
-    return "ready" if reading.reachable else "unreachable"
+    if not reading.reachable:
+        return "unreachable"
+    return "not ready" if reading.not_ready else "ready"
 
 
 GETTERS: dict[str, Callable[[mesh_pb2.MeshStatus], Rows]] = {

@@ -88,6 +88,12 @@ def build_spec(replicas: list[Replica], weights: dict[str, dict[str, int]] | Non
     return spec
 
 
+# A change an Envoy has not ACKed within --ack-timeout fails the API call (it is not reported as
+# applied). On a shared 2-core machine running the suite in parallel an ACK can take seconds:
+# tests allow for that, so they fail on what they check, not on the machine's load.
+SLOW_MACHINE_ACK_TIMEOUT = ("--ack-timeout", "30")
+
+
 def make_mesh(tmp_path: Path, replicas: list[Replica], time_scale: float = 0.05, **spec_options) -> TestMesh:
     for replica, port in zip(replicas, free_ports(len(replicas)), strict=True):
         replica.address = f"127.0.0.1:{port}"
@@ -103,7 +109,11 @@ def make_mesh(tmp_path: Path, replicas: list[Replica], time_scale: float = 0.05,
     spec = build_spec(replicas, **spec_options)
     (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     mesh = LocalMesh(
-        spec=tmp_path / "mesh.yaml", workdir=tmp_path, ports=MeshPorts.ephemeral(), fleet_config=tmp_path / "fleet.yaml"
+        spec=tmp_path / "mesh.yaml",
+        workdir=tmp_path,
+        ports=MeshPorts.ephemeral(),
+        fleet_config=tmp_path / "fleet.yaml",
+        controlplane_args=SLOW_MACHINE_ACK_TIMEOUT,
     )
     return TestMesh(mesh, replicas, spec)
 

@@ -179,7 +179,7 @@ def test_fast_path_logs_every_failure_and_one_in_n_successes(tmp_path):
     spec = dict(test_mesh.spec)
     spec["models"] = [{**m, "routing_mode": "picker"} if m["name"] == "code" else m for m in spec["models"]]
     test_mesh.mesh.spec.write_text(yaml.safe_dump(spec, sort_keys=False))
-    test_mesh.mesh.controlplane_args = ("--fast-path-log-sample", "10", "--access-log-flush", "0.1")
+    test_mesh.mesh.controlplane_args += ("--fast-path-log-sample", "10", "--access-log-flush", "0.1")
     mesh = test_mesh.mesh
     fast = {"x-model-id": "chat"}
     with mesh:

@@ -80,7 +80,7 @@ def mesh(tmp_path_factory, collector):
         [Replica("chat-a", "chat", "v1", pool="fast"), Replica("code-b", "code", "v2", pool="cheap")],
         priorities=PRIORITIES,
     )
-    test_mesh.mesh.controlplane_args = (
+    test_mesh.mesh.controlplane_args += (
         "--access-log-flush",
         "0.1",
         "--stats-window",

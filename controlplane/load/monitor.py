@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from controlplane.load.metrics_parsing import ENGINES, EngineLoad, parse_engine_load
+from controlplane.spec.resilience import HealthCheckSpec, readiness_path
 from protos import mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class ScrapeTarget:
     engine: str = "generic"
     path: str = "/metrics"
     metrics_port: int | None = None
+    # The engine's readiness route, asked every readiness_interval_s: the same question Envoy's
+    # active health check asks, so the picker and Envoy agree on who may get requests. "" = none.
+    readiness_path: str = ""
+    readiness_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -70,6 +75,10 @@ class ScrapeTarget:
         if self.metrics_port is not None:
             port = str(self.metrics_port)
         return f"http://{host}:{port}{self.path}"
+
+    @property
+    def readiness_url(self) -> str:
+        return f"http://{self.address}{self.readiness_path}"
 
 
 @dataclass(slots=True)
@@ -85,10 +94,15 @@ class _EndpointState:
     reachable: bool = False
     attempted: bool = False
     last_error: str = ""
+    ready: bool = True  # the readiness route's last answer (True where none is probed)
+    probed_at: float = -math.inf  # monotonic clock
 
 
-def targets_from_table(table: mesh_pb2.RoutingTable, *, path: str = "/metrics") -> list[ScrapeTarget]:
-    """Every endpoint of a routing table as a scrape target, with its version's engine.
+def targets_from_table(
+    table: mesh_pb2.RoutingTable, *, path: str = "/metrics", health: HealthCheckSpec | None = None
+) -> list[ScrapeTarget]:
+    """Every endpoint of a routing table as a scrape target, with its version's engine, and with
+    `health` its readiness route (the spec's resilience.health_checks, as Envoy checks it).
 
     Drained endpoints are kept: they still finish their running requests, and their load is
     what tells an operator when draining is done. An address listed twice keeps its first engine.
@@ -99,9 +113,11 @@ def targets_from_table(table: mesh_pb2.RoutingTable, *, path: str = "/metrics") 
             engine = version.engine or "generic"
             if engine not in ENGINES:
                 engine = "generic"
+            readiness = readiness_path(engine, model.name, health.path) if health and health.enabled else ""
+            interval = health.interval_s if health else 5.0
             for endpoint in version.endpoints:
                 if endpoint.address not in seen:
-                    seen[endpoint.address] = ScrapeTarget(endpoint.address, engine, path)
+                    seen[endpoint.address] = ScrapeTarget(endpoint.address, engine, path, None, readiness, interval)
     return list(seen.values())
 
 
@@ -291,6 +307,7 @@ class LoadMonitor:
                     decode_step_s=state.decode_step_s,
                     adapters=load.adapters,
                     max_adapters=load.max_adapters,
+                    not_ready=not state.ready,
                 )
             )
         return mesh_pb2.LoadReport(sequence=self._latest.sequence, endpoints=endpoints)
@@ -341,11 +358,30 @@ class LoadMonitor:
             if state is None:
                 return
             await self._scrape_once(address, state)
+            if state.target.readiness_path and loop.time() - state.probed_at >= state.target.readiness_interval_s:
+                state.probed_at = loop.time()
+                await self._probe_readiness(address, state)
             next_at += self.interval_s
             now = loop.time()
             if next_at < now:  # the scrape overran (slow target): skip missed ticks, don't burst
                 next_at = now
             await asyncio.sleep(next_at - now)
+
+    async def _probe_readiness(self, address: str, state: _EndpointState) -> None:
+        assert self._client is not None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._client.get(state.target.readiness_url)
+            ready = 200 <= response.status_code < 300
+            why = f"{state.target.readiness_path} answered {response.status_code}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            ready, why = False, f"{state.target.readiness_path}: {_describe(exc)}"
+        if ready != state.ready and self._states.get(address) is state:
+            log.info("%s is %s (%s)", address, "ready again" if ready else "not ready", why)
+            state.ready = ready
+            self._dirty.set()
 
     async def _scrape_once(self, address: str, state: _EndpointState) -> None:
         target = state.target

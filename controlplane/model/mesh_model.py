@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from controlplane.spec.resilience import ResilienceSpec
 from controlplane.spec.schema import (
     Defaults,
     EndpointSpec,
@@ -107,6 +108,7 @@ class MeshModel:
     # model name -> its own profile. Here rather than on ModelModel: a ModelModel is a memo key
     # (hashed), a profile holds lists; and a profile change is rare enough to reset the memo.
     model_scheduling: Mapping[str, SchedulingSpec] = field(default_factory=dict)
+    resilience: ResilienceSpec = ResilienceSpec()  # health checks, ejection, retries of every model cluster
 
     def model(self, name: str) -> ModelModel | None:
         return next((m for m in self.models if m.name == name), None)
@@ -194,7 +196,16 @@ def build_mesh_model(
         for rank, p in enumerate(spec.priorities)
     )
     model_scheduling = {m.name: m.scheduling for m in spec.models if m.scheduling is not None}
-    return MeshModel(version, models, priorities, spec.defaults, spec.scoring, spec.scheduling, model_scheduling)
+    return MeshModel(
+        version,
+        models,
+        priorities,
+        spec.defaults,
+        spec.scoring,
+        spec.scheduling,
+        model_scheduling,
+        resilience=spec.resilience,
+    )
 
 
 def adapter_models(model: ModelSpec, versions: tuple[VersionModel, ...]) -> tuple[AdapterModel, ...]:

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from controlplane.spec.resilience import ResilienceSpec
+
 # The scheduler's plugin catalogue, the one import from extproc/: names are defined once, there
 # (the registry imports only the standard library; docs/scheduler.md).
 from extproc.scheduler import registry as scheduler_plugins
@@ -301,6 +303,7 @@ class MeshSpec(_Strict):
     defaults: Defaults = Defaults()
     scoring: ScoringSpec = ScoringSpec()
     scheduling: SchedulingSpec | None = Field(default=None, description="every model's profile; none: the default")
+    resilience: ResilienceSpec = ResilienceSpec()
     priorities: list[PriorityClassSpec] = Field(default_factory=_default_priorities, min_length=1)
     pools: list[Pool] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list)

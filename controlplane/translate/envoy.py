@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -43,6 +43,8 @@ from envoy.type.metadata.v3 import metadata_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from controlplane.model.mesh_model import MeshModel, ModelModel, VersionModel
+from controlplane.spec.resilience import ResilienceSpec, readiness_path
+from controlplane.translate import resilience as translate_resilience
 from controlplane.translate import telemetry as translate_telemetry
 from controlplane.translate.memo import NO_MEMO, TranslationMemo, model_routes_key, routes_key
 from protos.wire import (
@@ -104,7 +106,8 @@ def translate(
     memo = memo or NO_MEMO
     with memo.session(model, options):
         versions = [v for m in model.models for v in m.versions]
-        per_version = {v.cluster: memo.get("version", v, _translate_version, v) for v in versions}
+        # The memo's context includes model.resilience: a change to it rebuilds every cluster.
+        per_version = {v.cluster: memo.get("version", v, _translate_version, v, model.resilience) for v in versions}
         clusters = {name: cluster for name, (cluster, _) in per_version.items()}
         otel = translate_telemetry.otel_cluster(options)
         if otel is not None:
@@ -117,8 +120,10 @@ def translate(
         )
 
 
-def _translate_version(version: VersionModel) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]:
-    return translate_cluster(version), translate_endpoints(version)
+def _translate_version(
+    version: VersionModel, resilience: ResilienceSpec
+) -> tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]:
+    return translate_cluster(version, resilience), translate_endpoints(version)
 
 
 # ---------------------------------------------------------------- helpers
@@ -154,17 +159,21 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
 # ---------------------------------------------------------------- CDS / EDS
 
 
-def translate_cluster(version: VersionModel) -> cluster_pb2.Cluster:
-    # Clusters differ only in name and upstream protocol: copying a template is ~10x cheaper than
-    # building the nested messages again for each of 1,250 clusters (same bytes).
+def translate_cluster(version: VersionModel, resilience: ResilienceSpec) -> cluster_pb2.Cluster:
+    # Clusters differ only in name, upstream protocol and readiness path: copying a template is
+    # ~10x cheaper than building the nested messages again for each of 1,250 clusters (same bytes).
     cluster = cluster_pb2.Cluster()
-    cluster.CopyFrom(_cluster_template(version.upstream_protocol))
+    cluster.CopyFrom(_cluster_template(version.upstream_protocol, resilience))
     cluster.name = version.cluster
+    checks = resilience.health_checks
+    check = translate_resilience.health_check(checks, readiness_path(version.engine, version.model, checks.path))
+    if check is not None:
+        cluster.health_checks.append(check)
     return cluster
 
 
 @functools.lru_cache(maxsize=8)
-def _cluster_template(upstream_protocol: str) -> cluster_pb2.Cluster:
+def _cluster_template(upstream_protocol: str, resilience: ResilienceSpec) -> cluster_pb2.Cluster:
     """Everything of a version's cluster but its name. Shared: callers copy it, never change it."""
     override_host = override_host_pb2.OverrideHost(
         override_host_sources=[
@@ -190,6 +199,7 @@ def _cluster_template(upstream_protocol: str) -> cluster_pb2.Cluster:
         max_pending_requests=wrappers_pb2.UInt32Value(value=100_000),
         max_requests=wrappers_pb2.UInt32Value(value=100_000),
         max_retries=wrappers_pb2.UInt32Value(value=1_000),
+        retry_budget=translate_resilience.retry_budget(resilience.retries),  # bounds retries in its place
     )
     explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig
     if upstream_protocol == "http2":
@@ -209,13 +219,7 @@ def _cluster_template(upstream_protocol: str) -> cluster_pb2.Cluster:
             ]
         ),
         circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[unbounded]),
-        outlier_detection=outlier_detection_pb2.OutlierDetection(
-            consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
-            consecutive_5xx=wrappers_pb2.UInt32Value(value=1_000_000),  # app errors are not host failures
-            interval=_seconds(1.0),
-            base_ejection_time=_seconds(5.0),
-            max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
-        ),
+        outlier_detection=translate_resilience.outlier_detection(resilience.outlier_detection),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)},
     )
 
@@ -609,18 +613,7 @@ def _route(name, match, action, m: ModelModel, model: MeshModel, pinned: Version
 
 
 def _retry_policy(model: MeshModel) -> route_components_pb2.RetryPolicy:
-    # Only failures where the replica cannot have started work: inference is not idempotent-cheap.
-    return route_components_pb2.RetryPolicy(
-        retry_on="connect-failure,refused-stream,reset-before-request",
-        num_retries=wrappers_pb2.UInt32Value(value=model.defaults.retries),
-        retry_host_predicate=[
-            route_components_pb2.RetryPolicy.RetryHostPredicate(
-                name="envoy.retry_host_predicates.previous_hosts",
-                typed_config=_any(_previous_hosts()),
-            )
-        ],
-        host_selection_retry_max_attempts=5,
-    )
+    return translate_resilience.retry_policy(model.resilience.retries, model.defaults.retries, _any(_previous_hosts()))
 
 
 def _previous_hosts():
