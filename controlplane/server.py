@@ -20,6 +20,7 @@ from controlplane.api import mesh_api
 from controlplane.broadcast import Latest
 from controlplane.canary.controller import CanaryController, reconcile_overrides
 from controlplane.errors import ConfigRejected
+from controlplane.load.ejection import Ejections
 from controlplane.load.fast_path import LoadWeights
 from controlplane.load.monitor import LoadMonitor, targets_from_table
 from controlplane.model.mesh_model import MeshModel, MeshModelMemo, build_mesh_model
@@ -81,6 +82,9 @@ class ControlPlane:
         self._tasks: list[asyncio.Task] = []
         self._server: grpc.aio.Server | None = None
         self.canary = CanaryController(self)
+        # Replicas that keep failing the picker's requests (override_host ignores Envoy's ejections).
+        self.ejections = Ejections(self.load_monitor.eject, registry=self.observability.registry)
+        self.request_records.add_sink(self.ejections)
         self.load_weights = LoadWeights()  # EDS weights of the fast path's replicas (controlplane/load/fast_path.py)
 
     # ------------------------------------------------------------ lifecycle
@@ -233,6 +237,8 @@ class ControlPlane:
         table = translate_routing_table(model)
         await self.tables.publish(table)
         self.load_monitor.set_targets(targets_from_table(table, health=model.resilience.health_checks))
+        members = {v.cluster: [e.address for e in v.endpoints] for m in model.models for v in m.versions}
+        self.ejections.configure(model.resilience.outlier_detection, members)
         self.observability.set_model(model)
 
     async def _publish_when_acked(self, version: str, model: MeshModel, build: int) -> None:

@@ -395,7 +395,7 @@ class LoadView:
                 e.running,
                 e.kv_cache,
                 e.gpu_util,
-                e.reachable and not e.not_ready,  # a replica that is not ready takes no requests
+                e.reachable and not (e.not_ready or e.ejected),  # unready or ejected: no requests
                 scraped_at,
                 e.latency_s,
                 e.prefill_tokens_per_s,

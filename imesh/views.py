@@ -175,6 +175,8 @@ def _endpoint_state(endpoint: mesh_pb2.Endpoint, reading: mesh_pb2.EndpointLoad 
         return "unknown"
     if not reading.reachable:
         return "unreachable"
+    if reading.ejected:
+        return "ejected"
     return "not ready" if reading.not_ready else "ready"
 
 

@@ -12,6 +12,7 @@ import collections
 import httpx
 import pytest
 
+from imesh.client import MeshClient
 from tests.harness import Replica, chat, make_mesh, send_many, served_by, wait_until
 
 # Fast checks so the test needs no long waits; ejections that outlast the test.
@@ -68,21 +69,31 @@ def test_an_unready_replica_gets_no_requests_until_it_is_ready_again(tmp_path, p
         wait_until(lambda: r2 in served_by(requests(mesh, 30, body_named)), 30, "r2 serving again")
 
 
-def test_a_replica_answering_500s_is_ejected_by_envoy_and_traffic_moves(tmp_path):
-    """Envoy's own balancing (the ext_proc gone): its outlier detection ejects the failing replica,
-    and passing /health does not cut the ejection short."""
+@pytest.mark.parametrize("picker", [True, False], ids=["picker", "envoy-alone"])
+def test_a_replica_answering_500s_is_ejected_and_traffic_moves(tmp_path, picker):
+    """Envoy's outlier detection ejects it from Envoy's own balancing (the ext_proc gone), and the
+    control plane's passive ejection from the picker's, whose picks Envoy would honour regardless.
+    Passing /health does not cut either short."""
     mesh = three_replicas(tmp_path)
-    with mesh.mesh:
+    with mesh.mesh, MeshClient(mesh.mesh.control_plane_address) as client:
         mesh.mesh.wait_for_completion("chat")
-        mesh.mesh.processes["extproc"].kill()
+        if not picker:
+            mesh.mesh.processes["extproc"].kill()
         r3 = mesh.replica("r3").address
         mesh.set_faults("r3", error_rate=1.0, error_status=500)  # 500 is not retried: it reaches the client
         first = requests(mesh, 60)
         failed = [r for r in first if r.status_code == 500]
         assert failed and all(r.headers.get("x-imesh-endpoint") == r3 for r in failed)
-        assert "failed_outlier_check" in cluster_health(mesh).get(r3, "")
+        if picker:
+            wait_until(lambda: _reading(client, r3).ejected, 30, "r3 reported ejected")
+        else:
+            assert "failed_outlier_check" in cluster_health(mesh).get(r3, "")
         after = requests(mesh, 40)
         assert all(r.status_code == 200 for r in after) and r3 not in served_by(after)
+
+
+def _reading(client: MeshClient, address: str):
+    return next(e for e in client.status().load.endpoints if e.address == address)
 
 
 def test_a_503_and_a_hung_replica_are_retried_on_another_replica(tmp_path):

@@ -96,6 +96,7 @@ class _EndpointState:
     last_error: str = ""
     ready: bool = True  # the readiness route's last answer (True where none is probed)
     probed_at: float = -math.inf  # monotonic clock
+    ejected_until: float = 0.0  # monotonic clock: passively ejected while now < this (ejection.py)
 
 
 def targets_from_table(
@@ -242,6 +243,13 @@ class LoadMonitor:
                 state.target = target
         self._dirty.set()
 
+    def eject(self, address: str, until: float) -> None:
+        """Report `address` ejected until the monotonic time `until` (controlplane/load/ejection.py)."""
+        state = self._states.get(address)
+        if state is not None:
+            state.ejected_until = until
+            self._dirty.set()
+
     @property
     def targets(self) -> list[ScrapeTarget]:
         return [state.target for state in self._states.values()]
@@ -308,6 +316,7 @@ class LoadMonitor:
                     adapters=load.adapters,
                     max_adapters=load.max_adapters,
                     not_ready=not state.ready,
+                    ejected=now < state.ejected_until,
                 )
             )
         return mesh_pb2.LoadReport(sequence=self._latest.sequence, endpoints=endpoints)

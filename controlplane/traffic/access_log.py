@@ -179,7 +179,17 @@ def to_record(
         request_id=request.request_id,
         node=node,
         weight=sample_weight(common, status, set_flags, one_in),
+        attempts=max(1, common.upstream_request_attempt_count),
+        picked=_picked(common),
     )
+
+
+def _picked(common: accesslog_pb2.AccessLogCommon) -> tuple[str, ...]:
+    """The picker's ranked hosts from the request's dynamic metadata ("ip:port,ip:port")."""
+    pick = common.metadata.filter_metadata.get(PICK_METADATA_NAMESPACE)
+    if pick is None or PICK_METADATA_KEY not in pick.fields:
+        return ()
+    return tuple(h.strip() for h in pick.fields[PICK_METADATA_KEY].string_value.split(",") if h.strip())
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):

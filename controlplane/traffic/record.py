@@ -44,6 +44,14 @@ class RequestRecord:
     request_id: str = ""  # x-request-id, to find the line in Envoy's JSON access log
     node: str = ""  # the Envoy that served it
     weight: int = 1  # requests it stands for: N for a fast-path success Envoy logged 1 in N of
+    attempts: int = 1  # upstream tries Envoy made (retries included)
+    picked: tuple[str, ...] = ()  # the picker's ranked hosts, which Envoy's tries walk in order; () if none
+
+    def failed_tries(self) -> tuple[str, ...]:
+        """The picked hosts tried before the one that answered: each of those tries failed."""
+        if self.attempts <= 1 or not self.picked:
+            return ()
+        return tuple(h for h in self.picked[: self.attempts - 1] if h != self.endpoint)
 
     @property
     def error(self) -> bool:
