@@ -23,6 +23,11 @@ class Faults(BaseModel):
     slowdown: float = Field(default=1.0, gt=0.0, le=1000.0, description="multiplier on every engine step time")
     extra_waiting: int = Field(default=0, ge=0, le=1_000_000, description="fake queued requests shown in metrics")
     not_ready: bool = Field(default=False, description="readiness endpoints answer 503 (liveness stays 200)")
+    crash_after_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="a stream's connection is dropped after this many tokens, as a crash would; 0 = never",
+    )
 
     def merged(self, update: dict[str, Any]) -> Faults:
         """Validate a partial update on top of these faults (raises ``pydantic.ValidationError``)."""

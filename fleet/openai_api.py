@@ -160,8 +160,12 @@ async def run_sse(
         await resp.prepare(request)
         for obj in first:
             await resp.write(sse(obj))
+        crash_after = replica.engine.faults.crash_after_tokens
         async for index in seq.stream():
             await resp.write(sse(per_token(index)))
+            if crash_after and index + 1 >= crash_after:
+                _crash(request)
+                return resp
         for obj in last():
             await resp.write(sse(obj))
         await resp.write(b"data: [DONE]\n\n")
@@ -184,6 +188,12 @@ async def run_sse(
         if not seq.finished:
             replica.engine.abort(seq)
     return resp
+
+
+def _crash(request: web.Request) -> None:
+    """The connection goes away mid-body without an end, as when the replica's process dies."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 # ---- handlers -----------------------------------------------------------------------------

@@ -52,6 +52,35 @@ class LocalMesh:
             raise
         return self
 
+    def drain(self, window_s: float) -> int:
+        """Stop taking requests and let those in flight finish, for at most `window_s`.
+
+        Envoy's listeners close (new connections are refused), while requests on open connections,
+        streams included, run to their end. Returns how many were still active when the window
+        ended (0: all finished). A no-op when Envoy is not running.
+        """
+        envoy = self.processes.get("envoy")
+        if envoy is None or not envoy.running:
+            return 0
+        try:
+            httpx.post(f"{self.admin_url}/drain_listeners", timeout=5.0)
+        except httpx.HTTPError:
+            return 0
+        deadline = time.monotonic() + window_s
+        active = self._active_requests()
+        while active and time.monotonic() < deadline:
+            time.sleep(0.1)
+            active = self._active_requests()
+        return active
+
+    def _active_requests(self) -> int:
+        try:
+            text = httpx.get(f"{self.admin_url}/stats?filter=^http\\.imesh\\.downstream_rq_active$", timeout=2.0).text
+        except httpx.HTTPError:
+            return 0
+        _, _, value = text.strip().partition(": ")
+        return int(value) if value.isdigit() else 0
+
     def stop(self) -> None:
         # Reverse start order: the data plane goes first so clients see a clean refusal.
         for name in ("envoy", "extproc", "controlplane", "fleet"):

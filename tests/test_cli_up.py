@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,8 +61,15 @@ def test_up_demo_serves_and_stops_every_process(tmp_path):
 
         children = _descendants(up.pid)
         assert len(children) >= 4  # fleet, control plane, ext_proc, envoy
+        # Streams that started before SIGTERM run to their end: the mesh drains before it stops.
+        streams = [_Stream(f"http://127.0.0.1:{listener}") for _ in range(4)]
+        for stream in streams:
+            stream.started.wait(30)
         up.send_signal(signal.SIGTERM)
-        assert up.wait(30) == 0
+        for stream in streams:
+            stream.join(60)
+        assert [s.outcome for s in streams] == ["complete"] * 4, [s.outcome for s in streams]
+        assert up.wait(60) == 0
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -82,6 +90,31 @@ def test_cli_errors_are_clear_and_exit_non_zero(tmp_path):
 
 def _fleet_addresses(path: Path) -> set[str]:
     return {r["address"] for r in yaml.safe_load(path.read_text())["replicas"]}
+
+
+class _Stream(threading.Thread):
+    """One long streamed chat completion; ``outcome`` says how it ended."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.outcome, self.started = url, "running", threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "tell"}], "max_tokens": 150}
+        body["stream"] = True
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=60) as response:
+                chunks = []
+                for chunk in response.iter_text():
+                    chunks.append(chunk)
+                    self.started.set()
+                text = "".join(chunks)
+            self.outcome = "complete" if response.status_code == 200 and "data: [DONE]" in text else text[-200:]
+        except httpx.HTTPError as exc:
+            self.outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.started.set()
 
 
 def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> str:

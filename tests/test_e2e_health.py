@@ -8,6 +8,7 @@ long anything took: waits are bounded only against hanging.
 from __future__ import annotations
 
 import collections
+import re
 
 import httpx
 import pytest
@@ -120,3 +121,25 @@ def test_a_503_and_a_hung_replica_are_retried_on_another_replica(tmp_path):
         assert r1 not in served_by(out)
         stats = httpx.get(f"{mesh.mesh.admin_url}/stats?filter=cluster.chat/v1.upstream_rq_per_try_timeout$").text
         assert int(stats.rsplit(":", 1)[1]) > 0
+
+
+def test_a_replica_dying_mid_stream_ends_the_clients_stream_and_counts_against_it(tmp_path):
+    """Never a hang: the client's stream ends (cut short), and the error is the replica's."""
+    mesh = three_replicas(tmp_path)
+    with mesh.mesh:
+        mesh.mesh.wait_for_completion("chat")
+        for name in ("r1", "r2", "r3"):
+            mesh.set_faults(name, crash_after_tokens=3)
+        body = {**chat("chat", max_tokens=40), "stream": True}
+        with httpx.stream("POST", f"{mesh.url}/v1/chat/completions", json=body, headers=HEADERS, timeout=30) as r:
+            served = r.headers["x-imesh-endpoint"]
+            with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its end: a reset
+                b"".join(r.iter_bytes())
+
+        def errors_counted() -> float:
+            port = mesh.mesh.ports.control_plane_metrics
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            pattern = rf'^imesh_request_errors_total{{[^}}]*endpoint="{re.escape(served)}"[^}}]*}} (\S+)$'
+            return sum(float(m) for m in re.findall(pattern, text, re.M))
+
+        wait_until(lambda: errors_counted() >= 1, 30, "the cut stream counted against its replica")

@@ -58,6 +58,7 @@ _UPSTREAM_FAILURE_FLAGS = frozenset(
         "upstream_overflow",
         "upstream_retry_limit_exceeded",
         "upstream_max_stream_duration_reached",
+        "upstream_protocol_error",  # e.g. a replica that died mid-body (the stream was cut: UPE)
         "no_cluster_found",
     )
 )

@@ -14,6 +14,9 @@ import click
 from imesh.client import default_server
 from imesh.ports import MeshPorts
 
+# How long in-flight requests get to finish after Ctrl-C or SIGTERM, before the processes stop.
+DRAIN_WINDOW_S = 30.0
+
 if TYPE_CHECKING:
     from imesh.local_mesh import LocalMesh
 
@@ -67,6 +70,13 @@ def _port_options(command: F) -> F:
     "--envoy-concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Envoy worker threads."
 )
 @click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=DRAIN_WINDOW_S,
+    show_default=True,
+    help="seconds in-flight requests get to finish after Ctrl-C or SIGTERM (0: stop at once).",
+)
+@click.option(
     "--extproc-workers",
     type=click.IntRange(min=1),
     default=1,
@@ -75,6 +85,7 @@ def _port_options(command: F) -> F:
 )
 def up(
     demo: bool,
+    drain_timeout: float,
     spec: Path | None,
     workdir: Path,
     ports_mode: str,
@@ -113,6 +124,23 @@ def up(
     except StartupError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _drain_then_stop(mesh, drain_timeout)
+
+
+def _drain_then_stop(mesh: LocalMesh, drain_timeout: float) -> None:
+    """New requests are refused at once; those in flight get `drain_timeout` to finish. A second
+    Ctrl-C or SIGTERM cuts the wait short; the processes are stopped either way."""
+    try:
+        if drain_timeout > 0:
+            click.echo(
+                f"draining: no new requests; up to {drain_timeout:g}s for those in flight (Ctrl-C again: stop now)"
+            )
+            left = mesh.drain(drain_timeout)
+            if left:
+                click.echo(f"{left} request(s) still in flight after {drain_timeout:g}s; stopping anyway", err=True)
     except KeyboardInterrupt:
         pass
     finally:
