@@ -22,10 +22,10 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from controlplane.spec.resilience import HealthCheckSpec, OutlierDetectionSpec, RetrySpec
 
-# Before the replica can have started work (connect failures, refused streams, resets before the
-# request went out), and the statuses the spec names: Envoy retries only while nothing of the
-# response has gone downstream, so a stream that has begun is never replayed.
-_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+# Connect failures, refused streams, resets (a replica that died with the request queued or in
+# prefill: its work is lost anyway), and the statuses the spec names. Envoy retries only while
+# nothing of the response has gone downstream, so a stream that has begun is never replayed.
+_RETRY_ON = "connect-failure,refused-stream,reset"
 # Envoy never retries a try on the host it just failed on, or on any host tried before.
 _HOST_SELECTION_ATTEMPTS = 5
 
