@@ -84,6 +84,7 @@ class KVEventSubscriber:
         self._clock = clock
         self._ctx = zmq.asyncio.Context()
         self._subs: dict[str, _Subscription] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # receivers, cancelled ones until they end
 
     def follow(self, endpoints: Mapping[str, str]) -> None:
         """Subscribe to exactly ``endpoints`` (replica address -> ZMQ endpoint); call on each table."""
@@ -93,6 +94,8 @@ class KVEventSubscriber:
             if address not in self._subs:
                 sub = _Subscription(endpoint, ReplicaFeed(self._sink, address, keys=self._keys()))
                 sub.task = asyncio.get_running_loop().create_task(self._receive(sub), name=f"kv-events:{address}")
+                self._tasks.add(sub.task)
+                sub.task.add_done_callback(self._tasks.discard)
                 self._subs[address] = sub
                 log.info("subscribed to the KV events of %s at %s", address, endpoint)
 
@@ -106,11 +109,10 @@ class KVEventSubscriber:
         return {a: sub.feed.live(now, self.stale_after_s) for a, sub in self._subs.items()}
 
     async def close(self) -> None:
-        tasks = [sub.task for sub in self._subs.values() if sub.task is not None]
         for address in list(self._subs):
             self._unsubscribe(address)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._ctx.term()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._ctx.destroy(linger=0)
 
     # ---- internals -------------------------------------------------------------------------
 
