@@ -183,7 +183,10 @@ async def test_gaps_and_malformed_messages_are_counted():
         assert feed.gaps == 4
         assert registry.get_sample_value("imesh_extproc_kv_events_gaps_total") == 4
         assert index.entries(address) == 1
-        # The table drops the replica: unsubscribed.
+        # A table that moves the replica's publisher: a fresh feed; one that drops it: unsubscribed.
+        subscriber.follow({address: f"tcp://127.0.0.1:{port + 1}"})
+        moved = subscriber.feed(address)
+        assert moved is not None and moved is not feed and moved.batches == 0
         subscriber.follow({})
         assert subscriber.feed(address) is None and subscriber.live() == {}
     finally:
