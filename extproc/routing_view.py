@@ -35,6 +35,7 @@ class EndpointView:
         "cost_per_hour",
         "drained",
         "max_concurrency",
+        "kv_events",
         "model",
         "version",
         "cluster",
@@ -49,6 +50,7 @@ class EndpointView:
         self.cost_per_hour: float = ep.cost_per_hour
         self.drained: bool = ep.drained
         self.max_concurrency: int = ep.max_concurrency
+        self.kv_events: str = ep.kv_events  # the replica's KV-event publisher; "" = none
         self.model = model
         self.version = version
         self.cluster = cluster
@@ -120,6 +122,7 @@ class ModelView:
         "allow_version_override",
         "scheduling",
         "adapters",
+        "tokenizer",
     )
 
     def __init__(self, m: mesh_pb2.Model):
@@ -136,6 +139,7 @@ class ModelView:
         self.adapters: tuple[AdapterView, ...] = tuple(
             AdapterView(a.name, m.name, a.version or None, model_body(a.name, m.name).encode()) for a in m.adapters
         )
+        self.tokenizer: str = m.tokenizer  # HF tokenizer.json path (precise prefix affinity); "" = none
 
     def version(self, name: str) -> VersionView | None:
         return self.by_version.get(name)
@@ -239,6 +243,7 @@ class RoutingView:
         "version_header",
         "scheduling",
         "adapters",
+        "kv_events",
     )
 
     def __init__(
@@ -265,6 +270,8 @@ class RoutingView:
         self.endpoints: dict[str, EndpointView] = {
             e.address: e for m in models.values() for v in m.versions for e in v.endpoints
         }
+        # address -> ZMQ endpoint of its KV events, for the replicas that publish them.
+        self.kv_events: dict[str, str] = {a: e.kv_events for a, e in self.endpoints.items() if e.kv_events}
         # adapter name -> the adapter (the spec keeps adapter and model names apart).
         self.adapters: dict[str, AdapterView] = {a.name: a for m in models.values() for a in m.adapters}
         self.models_list_body: bytes = models_list_body(

@@ -8,9 +8,10 @@ in the JSON error envelope. Until the first routing table arrives, requests pass
 untouched and Envoy routes them on its own (fail-open), as it does when this process is down.
 
 Prefix affinity (docs/prefix-affinity.md): for a model whose profile has a prompt scorer, and
-only then, the prompt is rendered and hashed into ``SchedulingRequest.prefix_hashes``, and after
-the pick the scorer records where the request went (the primary of each routed version) in the
-process's prefix index. Other requests read no body and hash nothing.
+only then, the prompt is rendered and hashed into ``SchedulingRequest.prefix_hashes`` (as the
+model's token ids when the spec names its tokenizer: precise mode), and after the pick the scorer
+records where the request went (the primary of each routed version) in the process's prefix
+index. Other requests read no body and hash nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from extproc.identify import (
     resolve_adapter,
 )
 from extproc.mesh_view import MeshView
+from extproc.prefix.tokens import TokenizerCache
 from extproc.responses import (
     CONTINUE_BODY,
     CONTINUE_HEADERS,
@@ -61,11 +63,13 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         picker: Picker | None = None,
         metrics: ExtprocMetrics | None = None,
         token_sample_rate: float = 0.0,
+        tokenizers: TokenizerCache | None = None,
     ):
         self._view = view
         self._metrics = metrics or ExtprocMetrics(enabled=False)
         self._picker = picker or Picker(timer=self._metrics)
         self._sampler = TokenSampler(token_sample_rate)  # output-token counting (extproc/telemetry.py)
+        self._tokenizers = tokenizers or TokenizerCache()  # the models' tokenizers (precise prefix affinity)
         # model -> the CommonResponse that selects its weighted route; built once, copied per request
         self._model_routes: dict[str, ext.CommonResponse] = {}
 
@@ -201,11 +205,13 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if doc is not None:
             prompt = self._picker.prompt_scorer(routing, model)
             if prompt is not None:
-                hashes = prompt.prefix_hashes(doc)
+                m = routing.model(model)
+                tokenizer = self._tokenizers.get(m.tokenizer) if m is not None else None
+                hashes, block_tokens = prompt.prompt_blocks(doc, tokenizer)
                 if hashes:
                     # A header-named request's pick keeps tokens 0 (no context-window check, as
                     # before); the scorers still learn its size.
-                    request = SchedulingRequest(tokens or estimate_tokens(doc), hashes)
+                    request = SchedulingRequest(tokens or estimate_tokens(doc), hashes, block_tokens=block_tokens)
         if adapter is not None:  # for lora-affinity
             if request is None:
                 request = SchedulingRequest(tokens, adapter=adapter.name)
@@ -230,6 +236,20 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             if common is None:
                 common = self._model_routes.setdefault(result.model, route_mutation(result.model))
         return routed(common, result.header_value, body_phase)
+
+    @property
+    def picker(self) -> Picker:
+        return self._picker
+
+    def prepare(self) -> None:
+        """After a new routing table: build its profiles, so the prefix indexes engine events feed
+        exist before the first request, and load the models' tokenizers off the request path."""
+        routing = self._view.routing
+        if routing is None:
+            return
+        for name, model in routing.models.items():
+            self._picker.prompt_scorer(routing, name)
+            self._tokenizers.get(model.tokenizer)
 
     def _models_response(self, routing: RoutingView, name: str) -> ext.ProcessingResponse:
         if name == "":

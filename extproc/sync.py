@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -24,8 +25,15 @@ MAX_BACKOFF_S = 0.5
 
 
 class ControlPlaneSync:
-    def __init__(self, view: MeshView, target: str, client_id: str):
+    def __init__(
+        self,
+        view: MeshView,
+        target: str,
+        client_id: str,
+        on_table: Callable[[], None] | None = None,
+    ):
         self._view = view
+        self._on_table = on_table  # called after each new table is in the view
         self._target = target
         self._request = mesh_pb2.WatchRequest(client_id=client_id)
         self._tasks: list[asyncio.Task] = []
@@ -62,6 +70,11 @@ class ControlPlaneSync:
     async def _watch_table(self, stub: mesh_pb2_grpc.MeshStateStub) -> None:
         async for table in stub.WatchRoutingTable(self._request):
             self._view.apply_table(table)
+            if self._on_table is not None:
+                try:
+                    self._on_table()
+                except Exception:  # a bug there must not stop the table stream
+                    log.exception("routing table %d: follow-up failed", table.version)
             self.table_received.set()
             log.info("routing table version %d: %d models", table.version, len(table.models))
 

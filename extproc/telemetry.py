@@ -17,6 +17,10 @@ prefix-cache hit ratio); and the process's prefix indexes (entries, approximate 
 by reason), published by the requests that change them at most once per ``INDEX_PUBLISH_S``
 (reading the indexes costs more than the rest of the metrics), as series that several workers sum.
 
+Precise mode (extproc/prefix/subscriber.py): the engines' KV events applied, by type, and the
+sequence gaps (counters, workers summed); and, at scrape time, the replicas subscribed to and
+whether each one's events are live (worker 0's subscriptions, standing for all, as its view does).
+
 Output tokens: Envoy's access log cannot see a response's ``usage``, so on a sampled fraction of
 generation requests (every Nth) the ext_proc asks Envoy for the response body too
 (``mode_override``, STREAMED, so streams keep streaming), counts the tokens (``usage`` when the
@@ -128,6 +132,18 @@ class ExtprocMetrics:
             registry=registry,
         )
         self._evictions = tuple(evictions.labels(reason) for reason in EVICTION_REASONS)
+        self._kv_events = Counter(
+            "imesh_extproc_kv_events_applied",
+            "Engine KV-cache events applied to the prefix index, by type (malformed and unknown: skipped).",
+            ("type",),
+            registry=registry,
+        )
+        self._kv_event_children: dict[str, Counter] = {}
+        self._kv_gaps = Counter(
+            "imesh_extproc_kv_events_gaps",
+            "KV event batches that never arrived (sequence numbers skipped).",
+            registry=registry,
+        )
         self._evicted = (0, 0, 0)  # the index totals last published
         self._index_publish_s = index_publish_s
         self._index_published_at = -math.inf
@@ -215,6 +231,24 @@ class ExtprocMetrics:
                 child.inc(total - before)
         self._evicted = evicted
 
+    def kv_events(self, kind: str, count: int) -> None:
+        """``count`` engine KV events of ``kind`` applied (subscriber.py's ``KVEventMetrics``)."""
+        if not self.enabled:
+            return
+        child = self._kv_event_children.get(kind)
+        if child is None:  # bounded: the event types, malformed and unknown
+            child = self._kv_event_children[kind] = self._kv_events.labels(kind)
+        child.inc(count)
+
+    def kv_gaps(self, count: int) -> None:
+        if self.enabled:
+            self._kv_gaps.inc(count)
+
+    def watch_kv_events(self, live: Callable[[], dict[str, bool]], registry: CollectorRegistry = REGISTRY) -> None:
+        """Expose, at scrape time, the replicas whose events this process follows and which are live."""
+        if self.enabled:
+            registry.register(_FeedCollector(live))
+
     def token_sample(self) -> None:
         if self.enabled:
             self._token_samples.inc()
@@ -246,6 +280,33 @@ class _ViewCollector(Collector):
             "Seconds since the last live load report arrived (+Inf: none yet).",
             value=age,
         )
+
+
+class _FeedCollector(Collector):
+    def __init__(self, live: Callable[[], dict[str, bool]]):
+        self._live = live
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        live = self._live()
+        yield GaugeMetricFamily(
+            "imesh_extproc_kv_events_feeds", "Replicas whose KV events this process subscribes to.", value=len(live)
+        )
+        yield GaugeMetricFamily(
+            "imesh_extproc_kv_events_feeds_live",
+            "Of those, the replicas whose events arrived recently (precise mode; the others are approximate).",
+            value=sum(live.values()),
+        )
+        per = GaugeMetricFamily(
+            "imesh_extproc_kv_events_live",
+            "1 while the replica's KV events are live (precise mode), 0 when they stopped (approximate).",
+            labels=("endpoint",),
+        )
+        for address, is_live in sorted(live.items()):
+            per.add_metric((address,), 1.0 if is_live else 0.0)
+        yield per
 
 
 def _labels(routing: RoutingView | None, model: str | None, priority: str | None) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metri
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc.mesh_view import MeshView
+from extproc.prefix.subscriber import KVEventSubscriber
 from extproc.service import ExternalProcessor
 from extproc.sync import ControlPlaneSync
 from extproc.telemetry import ExtprocMetrics
@@ -65,17 +66,26 @@ async def _first_table(sync: ControlPlaneSync, control_plane: str) -> None:
 
 async def serve(args: argparse.Namespace, worker: int) -> None:
     view = MeshView()
-    sync = ControlPlaneSync(view, args.control_plane, client_id=f"extproc-{os.getpid()}")
-    sync.start()
     server = grpc.aio.server()
     metrics = ExtprocMetrics()
     processor = ExternalProcessor(view, metrics=metrics, token_sample_rate=args.token_sample_rate)
+    # Precise prefix affinity: this worker follows the engines' KV events into its own indexes.
+    kv_events = KVEventSubscriber(processor.picker.prefix, metrics=metrics)
+
+    def on_table() -> None:
+        processor.prepare()
+        if view.routing is not None:
+            kv_events.follow(view.routing.kv_events)
+
+    sync = ControlPlaneSync(view, args.control_plane, client_id=f"extproc-{os.getpid()}", on_table=on_table)
+    sync.start()
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     port = args.port[worker]
     http = None
     if worker == 0:
         exposition = _exposition(args.workers)
         metrics.watch(view, exposition)  # worker 0's view of the mesh stands for all
+        metrics.watch_kv_events(kv_events.live, exposition)
         others = [(args.host, other) for other in args.port[1:]]
         http = await start_http_server(
             args.host, args.metrics_port, lambda: view.ready and all(map(_listening, others)), exposition
@@ -91,6 +101,7 @@ async def serve(args: argparse.Namespace, worker: int) -> None:
     await stop.wait()
     await server.stop(grace=1.0)
     await sync.stop()
+    await kv_events.close()
     if http is not None:
         await http.cleanup()
 

@@ -5,7 +5,9 @@ load signals are honest: a replica with a full batch really queues, a slow GPU r
 decodes slower and a busy KV cache really fills up. That is what lets tests assert that the
 mesh's load-aware picker avoids loaded or slow replicas. A replica may serve LoRA adapters of
 its model, named as the request's model, with vLLM's slot limit, load time and metric
-(``fleet.lora``, ``fleet.metrics``). Everything runs in one process and
+(``fleet.lora``, ``fleet.metrics``), and publish vLLM's KV-cache events over ZMQ, tokenizing
+with an HF tokenizer so a router can key them (``fleet.kv_publisher``, ``fleet.tokenizer``).
+Everything runs in one process and
 one event loop, so a fleet of many replicas stays cheap.
 
 Public API::

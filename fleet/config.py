@@ -20,8 +20,11 @@ Example::
         models: [llama-3-8b]
         adapters: [sql-lora]   # LoRA adapters of the first model, requested by name as the `model`
         overrides: {max_loras: 2, adapter_load_s: 0.5}
+        kv_events: tcp://127.0.0.1:5557   # publish vLLM's KV-cache events here (fleet/kv_publisher.py)
+        tokenizer: /models/llama/tokenizer.json  # tokenize with this HF tokenizer (fleet/tokenizer.py)
 
-A port of 0 asks the OS for a free port (the running fleet reports the one it got).
+A port of 0 asks the OS for a free port (the running fleet reports the one it got), for the
+HTTP address and the KV events endpoint alike.
 """
 
 from __future__ import annotations
@@ -54,20 +57,24 @@ class ReplicaConfig(BaseModel):
         default_factory=list, description="LoRA adapters of the first model this replica can serve (fleet/lora.py)"
     )
     overrides: dict[str, Any] = Field(default_factory=dict)
+    kv_events: str | None = Field(None, description="tcp://host:port to publish vLLM's KV events on (loopback)")
+    tokenizer: str | None = Field(None, description="an HF tokenizer.json to tokenize prompts with")
+
+    @field_validator("kv_events")
+    @classmethod
+    def _check_kv_events(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme, sep, rest = v.partition("://")
+        if scheme != "tcp" or not sep:
+            raise ValueError(f"expected tcp://host:port, got {v!r}")
+        _check_loopback(rest)
+        return v
 
     @field_validator("address")
     @classmethod
     def _check_address(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected host:port, got {v!r}")
-        if host != "localhost":
-            try:
-                ip = ipaddress.ip_address(host.strip("[]"))
-            except ValueError:
-                raise ValueError(f"host must be an IP address or localhost, got {host!r}") from None
-            if not ip.is_loopback:
-                raise ValueError(f"the simulated fleet listens on loopback only, got {host!r}")
+        _check_loopback(v)
         return v
 
     @field_validator("models")
@@ -124,6 +131,19 @@ class ReplicaConfig(BaseModel):
     def profile(self) -> GpuProfile:
         """The GPU profile with this replica's overrides applied."""
         return get_profile(self.gpu).with_overrides(self.overrides)
+
+
+def _check_loopback(v: str) -> None:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {v!r}")
+    if host != "localhost":
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"host must be an IP address or localhost, got {host!r}") from None
+        if not ip.is_loopback:
+            raise ValueError(f"the simulated fleet listens on loopback only, got {host!r}")
 
 
 _POSITIVE_INTS = frozenset(

@@ -35,6 +35,10 @@ class ServingReplica(Protocol):
     @property
     def metrics(self) -> ReplicaMetrics: ...
 
+    def tokenize(self, text: str) -> list[str]:
+        """A prompt's pieces: the stand-in tokens, or ``#<id>`` of the replica's HF tokenizer."""
+        ...
+
     async def apply_faults(self) -> None:
         """Stall, then maybe fail, as the active faults say (inference routes only)."""
         ...

@@ -12,7 +12,8 @@ It is a small discrete-time model of vLLM's scheduler, run on the event loop:
   sequence also produces its first token, so TTFT = queueing + one step);
 * KV usage is the tokens the batch holds (prompt + generated so far) over the capacity;
 * a prefix cache of cumulatively hashed prompt blocks (bounded LRU) makes a repeated
-  prompt prefix prefill at ~no cost;
+  prompt prefix prefill at ~no cost; its stores, evictions and resets go to an optional
+  ``cache_listener`` (``fleet.kv_publisher``: vLLM's KV events);
 * a request for a LoRA adapter joins a batch only while the batch holds fewer than
   ``max_loras`` distinct adapters (else it is skipped, not blocking the queue, as in vLLM), and
   prefills once its adapter is on the GPU: loading one costs ``adapter_load_s`` while the rest of
@@ -57,6 +58,14 @@ class EngineListener(Protocol):
     def on_finish(self, seq: Sequence) -> None: ...
 
 
+class PrefixCacheListener(Protocol):
+    """Receives the prefix cache's changes (vLLM's KV events); ``fleet.kv_publisher`` implements it."""
+
+    def on_stored(self, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None: ...
+    def on_removed(self, hashes: list[int]) -> None: ...
+    def on_cleared(self) -> None: ...
+
+
 class Sequence:
     """One request inside the engine. Await ``wait()`` or iterate ``stream()``."""
 
@@ -66,6 +75,7 @@ class Sequence:
         "adapter",
         "prompt_tokens",
         "block_hashes",
+        "token_ids",
         "max_tokens",
         "limit_reason",
         "arrival",
@@ -92,12 +102,14 @@ class Sequence:
         arrival: float,
         streaming: bool,
         adapter: str | None = None,
+        token_ids: list[int] | None = None,
     ) -> None:
         self.id = seq_id
         self.model = model  # the base model (the metrics' model_name), also for an adapter's request
         self.adapter = adapter  # the LoRA adapter it runs with, if any
         self.prompt_tokens = prompt_tokens
         self.block_hashes = block_hashes
+        self.token_ids = token_ids  # the prompt's token ids, for KV events (None: no listener)
         self.max_tokens = max_tokens
         self.limit_reason = limit_reason  # finish_reason reported when max_tokens is reached
         self.arrival = arrival
@@ -164,6 +176,7 @@ class Engine:
         self.profile = profile
         self.time_scale = time_scale
         self.listener = listener
+        self.cache_listener: PrefixCacheListener | None = None
         self.faults = Faults()
         self.lora = LoraSlots(profile.max_loras, profile.adapter_load_s * time_scale)
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -234,9 +247,11 @@ class Engine:
         limit_reason: str = "length",
         streaming: bool = False,
         adapter: str | None = None,
+        token_ids: list[int] | None = None,
     ) -> Sequence:
         """Queue a request. ``max_tokens`` 0 means prefill only (embeddings, classifiers);
-        ``adapter``: the LoRA adapter of ``model`` it runs with."""
+        ``adapter``: the LoRA adapter of ``model`` it runs with; ``token_ids``: the prompt's, for
+        the ``cache_listener``."""
         if self._task is None:
             raise EngineStopped(f"engine {self.name} is not running")
         self.check_fits(prompt_tokens, max_tokens)
@@ -251,6 +266,7 @@ class Engine:
             asyncio.get_running_loop().time(),
             streaming,
             adapter,
+            token_ids,
         )
         self._waiting.append(seq)
         self._wake.set()
@@ -278,6 +294,8 @@ class Engine:
         """
         dropped = len(self._prefix)
         self._prefix.clear()
+        if self.cache_listener is not None:
+            self.cache_listener.on_cleared()
         return dropped
 
     # ---- load signals ----------------------------------------------------------------
@@ -410,10 +428,24 @@ class Engine:
             hits += 1
         for h in seq.block_hashes[hits:]:
             cache[h] = None
+        evicted = []
         while len(cache) > self.profile.prefix_cache_blocks:
-            cache.popitem(last=False)
+            evicted.append(cache.popitem(last=False)[0])
+        if self.cache_listener is not None:
+            self._publish_prefix(seq, hits, evicted)
         # vLLM always recomputes at least the last prompt token.
         return max(0, min(hits * self.profile.block_size, seq.prompt_tokens - 1))
+
+    def _publish_prefix(self, seq: Sequence, hits: int, evicted: list[int]) -> None:
+        """Tell the cache listener what one prompt stored (its blocks past the hits) and evicted."""
+        listener, size = self.cache_listener, self.profile.block_size
+        assert listener is not None
+        stored = seq.block_hashes[hits:]
+        if stored and seq.token_ids is not None:
+            parent = seq.block_hashes[hits - 1] if hits else None
+            listener.on_stored(stored, parent, seq.token_ids[hits * size : len(seq.block_hashes) * size], size)
+        if evicted:
+            listener.on_removed(evicted)
 
     def _step_seconds(self, batch: int, uncached: int) -> float:
         p = self.profile

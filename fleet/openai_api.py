@@ -20,6 +20,7 @@ from fleet.context import ServingReplica, replica_of
 from fleet.engine import EngineStopped, Sequence
 from fleet.errors import ApiError
 from fleet.text import embedding, embedding_base64, generated_text, generated_word, tokenize
+from fleet.tokenizer import Tokenize
 from protos.wire import MODEL_ID_HEADER
 
 # Output length when the request names no max_tokens (the sequence then ends with "stop").
@@ -112,7 +113,7 @@ def render_messages(messages: Any) -> str:
     return "\n".join(lines)
 
 
-def token_lists(value: Any, field: str) -> list[tuple[list[str], str]]:
+def token_lists(value: Any, field: str, tokenize: Tokenize = tokenize) -> list[tuple[list[str], str]]:
     """Parse an OpenAI ``prompt``/``input``: text(s) or token id list(s) → [(tokens, text)]."""
 
     def is_ids(x: Any) -> bool:
@@ -203,7 +204,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     replica = replica_of(request)
     body = await read_json_object(request)
     model = resolve_model(replica, body, request)
-    tokens = tokenize(render_messages(body.get("messages")))
+    tokens = replica.tokenize(render_messages(body.get("messages")))
     max_tokens, reason = output_budget(body)
     stream, include_usage = stream_flags(body)
     check_n(body)
@@ -269,7 +270,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     replica = replica_of(request)
     body = await read_json_object(request)
     model = resolve_model(replica, body, request)
-    prompts = token_lists(body.get("prompt"), "prompt")
+    prompts = token_lists(body.get("prompt"), "prompt", replica.tokenize)
     max_tokens, reason = output_budget(body)
     stream, include_usage = stream_flags(body)
     check_n(body)
@@ -332,7 +333,7 @@ async def embeddings(request: web.Request) -> web.Response:
     replica = replica_of(request)
     body = await read_json_object(request)
     model = resolve_model(replica, body, request)
-    inputs = token_lists(body.get("input"), "input")
+    inputs = token_lists(body.get("input"), "input", replica.tokenize)
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise ApiError(400, "`encoding_format` must be 'float' or 'base64'", code="invalid_request")

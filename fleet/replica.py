@@ -22,9 +22,11 @@ from fleet.config import ReplicaConfig
 from fleet.context import REPLICA_KEY, replica_of
 from fleet.engine import Engine, EngineStopped, RequestTooLarge, Sequence
 from fleet.errors import ApiError, render
+from fleet.kv_publisher import KVEventPublisher
 from fleet.metrics import CONTENT_TYPE, ReplicaMetrics
 from fleet.profiles import GpuProfile
 from fleet.text import block_hashes, prompt_key
+from fleet.tokenizer import TokenizerError, load_tokenize, piece_ids
 
 REPLICA_HEADER = "x-sim-replica"
 
@@ -45,6 +47,11 @@ class Replica:
         self.metrics = ReplicaMetrics(self.name, self.models, lora=bool(self.adapters))
         self.engine = Engine(self.name, self.profile, time_scale=time_scale, listener=self.metrics)
         self.metrics.bind(self.engine)
+        try:
+            self.tokenize = load_tokenize(config.tokenizer)  # text -> pieces (fleet/tokenizer.py)
+        except TokenizerError as exc:
+            raise ValueError(f"replica {self.name}: {exc}") from None
+        self.kv_events: KVEventPublisher | None = None  # bound in start()
         # Error injection draws from its own seeded stream: reproducible under --seed.
         self._rng = random.Random(f"{seed}\x1e{self.name}")
         self.errors_injected = 0
@@ -85,6 +92,13 @@ class Replica:
             ) from exc
         self._runner = runner
         self.port = runner.addresses[0][1]
+        if self.config.kv_events is not None:
+            try:
+                self.kv_events = KVEventPublisher(self.config.kv_events)
+            except OSError as exc:
+                await self.stop()
+                raise OSError(exc.errno, f"replica {self.name}: {exc.strerror or exc}") from None
+            self.engine.cache_listener = self.kv_events
 
     async def stop(self) -> None:
         """Abort in-flight requests (their clients get 503) and close the listener."""
@@ -92,6 +106,10 @@ class Replica:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.kv_events is not None:
+            self.engine.cache_listener = None
+            self.kv_events.close()
+            self.kv_events = None
 
     # ---- shared request steps ----------------------------------------------------------
 
@@ -123,6 +141,7 @@ class Replica:
             limit_reason=limit_reason,
             streaming=streaming,
             adapter=adapter,
+            token_ids=piece_ids(tokens) if self.kv_events is not None else None,
         )
 
     def base_of(self, model: str) -> tuple[str, str | None]:
@@ -153,6 +172,7 @@ class Replica:
             "adapters": self.adapters,
             "version": self.version,
             "errors_injected": self.errors_injected,
+            "kv_events": self.kv_events.state() if self.kv_events is not None else None,
         }
 
     # ---- app -------------------------------------------------------------------------

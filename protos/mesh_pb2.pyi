@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Endpoint(_message.Message):
-    __slots__ = ("address", "pool", "tier", "cost_per_hour", "region", "zone", "drained", "max_concurrency")
+    __slots__ = ("address", "pool", "tier", "cost_per_hour", "region", "zone", "drained", "max_concurrency", "kv_events")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Endpoint(_message.Message):
     ZONE_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     address: str
     pool: str
     tier: str
@@ -24,7 +25,8 @@ class Endpoint(_message.Message):
     zone: str
     drained: bool
     max_concurrency: int
-    def __init__(self, address: _Optional[str] = ..., pool: _Optional[str] = ..., tier: _Optional[str] = ..., cost_per_hour: _Optional[float] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., drained: _Optional[bool] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
+    kv_events: str
+    def __init__(self, address: _Optional[str] = ..., pool: _Optional[str] = ..., tier: _Optional[str] = ..., cost_per_hour: _Optional[float] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ..., drained: _Optional[bool] = ..., max_concurrency: _Optional[int] = ..., kv_events: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("name", "weight", "cluster", "context_window", "engine", "endpoints")
@@ -51,18 +53,20 @@ class LoraAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "versions", "allow_version_override", "scheduling", "adapters")
+    __slots__ = ("name", "versions", "allow_version_override", "scheduling", "adapters", "tokenizer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_VERSION_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     allow_version_override: bool
     scheduling: SchedulingProfile
     adapters: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
+    tokenizer: str
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., allow_version_override: _Optional[bool] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ..., tokenizer: _Optional[str] = ...) -> None: ...
 
 class PriorityClass(_message.Message):
     __slots__ = ("name", "rank", "preferred_tiers", "strict_tiers", "shed_threshold")

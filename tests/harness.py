@@ -35,6 +35,9 @@ class Replica:
     gpu: str = "h100"
     address: str = ""
     overrides: dict = field(default_factory=dict)
+    kv_events: bool = False  # publish KV events on a free port, named in the spec (precise mode)
+    tokenizer: str = ""  # the HF tokenizer.json the replica tokenizes with
+    events: str = ""  # its KV events endpoint, set by make_mesh
 
 
 @dataclass
@@ -67,7 +70,10 @@ def build_spec(replicas: list[Replica], weights: dict[str, dict[str, int]] | Non
     """A mesh spec whose models/versions/endpoints are exactly the given replicas."""
     models: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in replicas:
-        models[r.model][r.version].append({"address": r.address, "pool": r.pool})
+        endpoint = {"address": r.address, "pool": r.pool}
+        if r.events:
+            endpoint["kv_events"] = r.events
+        models[r.model][r.version].append(endpoint)
     weights = weights or {}
     spec = {
         "apiVersion": "imesh/v1",
@@ -97,11 +103,22 @@ SLOW_MACHINE_ACK_TIMEOUT = ("--ack-timeout", "30")
 def make_mesh(tmp_path: Path, replicas: list[Replica], time_scale: float = 0.05, **spec_options) -> TestMesh:
     for replica, port in zip(replicas, free_ports(len(replicas)), strict=True):
         replica.address = f"127.0.0.1:{port}"
+    for replica in replicas:
+        if replica.kv_events:
+            replica.events = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     fleet = {
         "seed": 7,
         "time_scale": time_scale,
         "replicas": [
-            {"name": r.name, "address": r.address, "models": [r.model], "gpu": r.gpu, "overrides": r.overrides}
+            {
+                "name": r.name,
+                "address": r.address,
+                "models": [r.model],
+                "gpu": r.gpu,
+                "overrides": r.overrides,
+                **({"kv_events": r.events} if r.events else {}),
+                **({"tokenizer": r.tokenizer} if r.tokenizer else {}),
+            }
             for r in replicas
         ],
     }

@@ -300,6 +300,28 @@ def test_prefix_hashes_render_the_messages_in_order_system_prompt_first():
     assert scorer.prefix_hashes({"input": "embeddings have no prompt to reuse"}) == ()
 
 
+def test_with_a_tokenizer_completions_hash_token_blocks_and_chat_stays_on_characters(tmp_path):
+    from extproc.prefix.blocks import token_block_hashes
+    from extproc.prefix.tokens import TokenizerCache
+    from tests.kv_fixtures import words, write_tokenizer
+
+    cache = TokenizerCache()
+    tokenizer = cache.get(str(write_tokenizer(tmp_path / "tokenizer.json")))
+    assert tokenizer is not None and cache.get(str(tmp_path / "tokenizer.json")) is tokenizer  # loaded once
+    scorer = PrefixAffinityScorer(1.0, block_tokens="4")
+    ids = tokenizer.encode(words(0, 10)).ids
+    want = (tuple(token_block_hashes(ids, 4)), 4.0)
+    assert len(want[0]) == 2
+    assert scorer.prompt_blocks({"prompt": words(0, 10)}, tokenizer) == want
+    assert scorer.prompt_blocks({"prompt": ids}, tokenizer) == want  # token ids as they are
+    assert scorer.prompt_blocks({"prompt": [words(0, 10), "another"]}, tokenizer) == want  # a batch: the first
+    chat = {"messages": [{"role": "user", "content": words(0, 40)}]}
+    assert scorer.prompt_blocks(chat, tokenizer) == (scorer.prefix_hashes(chat), 0.0)  # approximate
+    assert scorer.prompt_blocks({"prompt": words(0, 10)}, None)[1] == 0.0  # no tokenizer: characters
+    (tmp_path / "bad.json").write_text("{")
+    assert cache.get(str(tmp_path / "bad.json")) is None and cache.get("") is None
+
+
 # ----------------------------------------------------------------------------- the servicer
 
 

@@ -170,3 +170,25 @@ def test_a_model_may_override_the_profile_and_its_errors_name_the_model():
     assert [s.type for s in parse_spec(text).models[0].scheduling.scorers] == ["inflight"]
     (problem,) = errors(text.replace("type: inflight", "type: prefix"))
     assert problem.startswith("mesh.yaml: models[0].scheduling.scorers[0].type: unknown scorer type 'prefix'")
+
+
+PRECISE = GOOD.replace("  - name: m\n", "  - name: m\n    tokenizer: /models/m/tokenizer.json\n").replace(
+    "{address: 127.0.0.1:9000, pool: fast}", "{address: 127.0.0.1:9000, pool: fast, kv_events: 'tcp://127.0.0.1:5557'}"
+)
+
+
+def test_kv_events_and_the_tokenizer_reach_the_routing_table():
+    from controlplane.translate.table import translate_routing_table
+    from extproc.routing_view import RoutingView
+
+    routing = RoutingView.from_proto(translate_routing_table(build_mesh_model(parse_spec(PRECISE))))
+    assert routing.kv_events == {"127.0.0.1:9000": "tcp://127.0.0.1:5557"}  # 9001 publishes none
+    assert routing.models["m"].tokenizer == "/models/m/tokenizer.json"
+
+
+def test_kv_events_need_a_zmq_tcp_endpoint_and_the_models_tokenizer():
+    for bad in ("127.0.0.1:5557", "ipc:///tmp/kv", "tcp://replica-a:5557", "tcp://127.0.0.1:0"):
+        (problem,) = errors(PRECISE.replace("tcp://127.0.0.1:5557", bad))
+        assert "models[0].versions[0].endpoints[0].kv_events" in problem
+    (problem,) = errors(PRECISE.replace("    tokenizer: /models/m/tokenizer.json\n", ""))
+    assert "models[0]: endpoints with kv_events need the model's tokenizer" in problem

@@ -39,6 +39,7 @@ class EndpointModel:
     # EDS load_balancing_weight from live load, for models on the fast path (controlplane/load/fast_path.py);
     # 0 = none (Envoy's default of 1 for every host).
     lb_weight: int = 0
+    kv_events: str = ""  # ZMQ endpoint of the replica's KV-cache events; "" = none
 
     @property
     def ip(self) -> str:
@@ -83,6 +84,7 @@ class ModelModel:
     allow_version_override: bool = False  # the client's defaults.version_header may force a version
     routing_mode: str = "picker"  # "fast": Envoy routes header/path-named requests without the ext_proc
     adapters: tuple[AdapterModel, ...] = ()  # LoRA adapters, in spec order
+    tokenizer: str = ""  # the model's HF tokenizer.json, for precise prefix affinity; "" = none
 
     def version(self, name: str) -> VersionModel | None:
         return next((v for v in self.versions if v.name == name), None)
@@ -150,6 +152,7 @@ def build_mesh_model(
             drained=e.drained or e.address in overrides.drained,
             max_concurrency=e.max_concurrency,
             lb_weight=lb_weights.get(e.address, 0) if fast else 0,
+            kv_events=e.kv_events,
         )
 
     def version_model(m: ModelSpec, v: VersionSpec) -> VersionModel:
@@ -187,6 +190,7 @@ def build_mesh_model(
             allow_version_override=m.ab.allow_version_override,
             routing_mode=routing_mode(spec, m),
             adapters=adapter_models(m, built),
+            tokenizer=m.tokenizer,
         )
 
     models = tuple(model_model(m) for m in spec.models)

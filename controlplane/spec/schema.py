@@ -82,6 +82,25 @@ class EndpointSpec(_Strict):
     pool: str
     drained: bool = False
     max_concurrency: int = Field(default=0, ge=0)
+    kv_events: str = Field(
+        default="",
+        description="tcp://ip:port where the replica publishes vLLM's KV-cache events (precise prefix affinity)",
+    )
+
+    @field_validator("kv_events")
+    @classmethod
+    def _zmq_tcp(cls, value: str) -> str:
+        if not value:
+            return value
+        scheme, sep, rest = value.partition("://")
+        host, colon, port = rest.rpartition(":")
+        if scheme != "tcp" or not sep or not colon or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected tcp://ip:port (a ZMQ endpoint), got {value!r}")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"expected an IP address before the port, got {host!r}") from None
+        return value
 
     @field_validator("address")
     @classmethod
@@ -141,6 +160,10 @@ class ModelSpec(_Strict):
     ab: ABSpec = ABSpec()
     routing_mode: RoutingMode | None = Field(default=None, description="overrides defaults.routing_mode for this model")
     scheduling: SchedulingSpec | None = Field(default=None, description="replaces the top-level scheduling profile")
+    tokenizer: str = Field(
+        default="",
+        description="path of the model's HF tokenizer.json on the ext_proc's host (precise prefix affinity)",
+    )
 
     @model_validator(mode="after")
     def _versions_are_coherent(self) -> ModelSpec:
@@ -149,6 +172,9 @@ class ModelSpec(_Strict):
             raise ValueError(f"version names must be unique, got {names}")
         if sum(v.weight for v in self.versions) <= 0:
             raise ValueError("at least one version needs a weight above 0")
+        if not self.tokenizer and any(e.kv_events for v in self.versions for e in v.endpoints):
+            # The engine's events carry token ids; without the tokenizer no lookup could match them.
+            raise ValueError("endpoints with kv_events need the model's tokenizer (docs/prefix-affinity.md)")
         return self
 
 

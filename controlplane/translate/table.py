@@ -31,6 +31,7 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
                                 zone=e.zone,
                                 drained=e.drained,
                                 max_concurrency=e.max_concurrency,
+                                kv_events=e.kv_events,
                             )
                             for e in v.endpoints
                         ],
@@ -40,6 +41,7 @@ def translate_routing_table(model: MeshModel) -> mesh_pb2.RoutingTable:
                 allow_version_override=m.allow_version_override,
                 scheduling=_profile(model.model_scheduling.get(m.name)),
                 adapters=[mesh_pb2.LoraAdapter(name=a.name, version=a.version) for a in m.adapters],
+                tokenizer=m.tokenizer,
             )
             for m in model.models
         ],

@@ -309,6 +309,20 @@ class PrefixIndexes:
             )
         return index
 
+    def indexes(self) -> list[PrefixIndex]:
+        return list(self._indexes.values())
+
+    # Engine events apply to every index (``kv_events.IndexSink``): each holds the replica's cache.
+    def record(self, address: str, hashes: Sequence[BlockKey], now: float) -> int:
+        return max((index.record(address, hashes, now) for index in self._indexes.values()), default=0)
+
+    def remove(self, address: str, hashes: Iterable[BlockKey]) -> int:
+        keys = list(hashes)
+        return max((index.remove(address, keys) for index in self._indexes.values()), default=0)
+
+    def clear(self, address: str) -> int:
+        return max((index.clear(address) for index in self._indexes.values()), default=0)
+
     def retain(self, addresses: Iterable[str], now: float) -> None:
         keep = set(addresses)
         for index in self._indexes.values():

@@ -32,27 +32,37 @@ lookup. ``ReplicaFeed`` therefore takes a keying:
 Events and guesses share one index: a pick's ``record`` still makes the next request of a burst
 stick before the engine has reported anything, events add the blocks other routers sent there
 and remove what the engine evicted, and entries still expire by ttl. So when events stop, the
-index degrades to the approximate one by itself; ``ReplicaFeed.live`` tells a scorer whether
-events are flowing (e.g. to weigh matches more when they are).
+index degrades to the approximate one by itself; ``ReplicaFeed.live`` tells whether events are
+flowing. ``subscriber.py`` runs the feeds: one ZMQ SUB socket per replica that publishes.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgpack
 
 from extproc.prefix.blocks import token_block_hashes
-from extproc.prefix.index import BlockKey, PrefixIndex
+from extproc.prefix.index import BlockKey
 
 # The media whose blocks count as cached: the GPU (None from engines that predate the field).
 # A CPU or disk offload tier is a different, slower hit; its events are skipped for now.
 GPU_MEDIA: frozenset[str | None] = frozenset({None, "GPU"})
 _TAG_FIELD = "type"
 _MAX_TOKEN_ID = (1 << 32) - 1
+
+
+class IndexSink(Protocol):
+    """Where a feed applies events: a ``PrefixIndex``, or every index of a ``PrefixIndexes``."""
+
+    def record(self, address: str, hashes: Sequence[BlockKey], now: float) -> int: ...
+
+    def remove(self, address: str, hashes: Iterable[BlockKey]) -> int: ...
+
+    def clear(self, address: str) -> int: ...
 
 
 class KVEventError(ValueError):
@@ -309,10 +319,12 @@ class ReplicaFeed:
     """One replica's event stream applied to the shared index, with its liveness and gaps.
 
     ``now`` is the index's monotonic clock at arrival, not the batch's ``ts`` (the engine's wall
-    clock), so event entries age like guessed ones.
+    clock), so event entries age like guessed ones. A sequence number that goes back means the
+    publisher restarted (PUB/SUB never repeats a message): its engine's cache is new, so the
+    replica's entries are dropped and the count starts again.
     """
 
-    index: PrefixIndex
+    index: IndexSink
     address: str
     keys: Keying = field(default_factory=EngineKeys)
     media: frozenset[str | None] = GPU_MEDIA
@@ -320,11 +332,16 @@ class ReplicaFeed:
     last_batch_at: float | None = None
     batches: int = 0
     gaps: int = 0  # sequence numbers that never arrived (a replay request would recover them)
+    restarts: int = 0  # sequence numbers that went back: the publisher started again
 
     def apply(self, batch: KVEventBatch, now: float, seq: int | None = None) -> Applied:
         if seq is not None:
             if self.last_seq is not None and seq > self.last_seq + 1:
                 self.gaps += seq - self.last_seq - 1
+            elif self.last_seq is not None and seq <= self.last_seq:
+                self.restarts += 1
+                self.keys.cleared()
+                self.index.clear(self.address)
             self.last_seq = seq
         self.batches += 1
         self.last_batch_at = now

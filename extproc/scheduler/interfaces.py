@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from extproc.scheduler.candidates import Candidate, FilterContext
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
     from extproc.prefix.index import PrefixIndexes
     from extproc.scheduler.results import Pick
 
@@ -34,16 +36,24 @@ class SchedulingRequest:
     """What one request tells the scheduler beyond its model, version and priority.
 
     Built by the servicer when some scorer needs it; request scorers read the fields they know and
-    ignore the rest. ``prefix_hashes``: hashes of the prompt's leading token blocks, in order (for
-    prefix-cache affinity); ``adapter``: the LoRA adapter the request names, if any.
+    ignore the rest. ``prefix_hashes``: hashes of the prompt's leading blocks, in order (for
+    prefix-cache affinity), and ``block_tokens`` the prompt tokens one of them stands for (0: the
+    scorer's estimate for character blocks); ``adapter``: the LoRA adapter the request names, if any.
     """
 
-    __slots__ = ("tokens", "prefix_hashes", "adapter")
+    __slots__ = ("tokens", "prefix_hashes", "adapter", "block_tokens")
 
-    def __init__(self, tokens: int = 0, prefix_hashes: tuple[int, ...] = (), adapter: str | None = None):
+    def __init__(
+        self,
+        tokens: int = 0,
+        prefix_hashes: tuple[int, ...] = (),
+        adapter: str | None = None,
+        block_tokens: float = 0.0,
+    ):
         self.tokens = tokens
         self.prefix_hashes = prefix_hashes
         self.adapter = adapter
+        self.block_tokens = block_tokens
 
     def __repr__(self) -> str:
         blocks = len(self.prefix_hashes)
@@ -106,14 +116,19 @@ class PromptScorer(RequestScorer, Protocol):
     """A request scorer that reads the prompt (prefix affinity); a profile has at most one.
 
     For a model whose profile has one, and only then, the servicer reads the request body, fills
-    ``SchedulingRequest.prefix_hashes`` with ``prefix_hashes(body)`` and, after the pick, calls
+    ``SchedulingRequest.prefix_hashes`` with ``prompt_blocks(body, tokenizer)`` (the model's
+    tokenizer, None without one) and, after the pick, calls
     ``record`` with the pick. Its state is the process's: the ``Picker`` ``bind``s it to its
     ``PrefixIndexes`` when it builds the profile, so the state outlives the profile.
     """
 
     def bind(self, indexes: PrefixIndexes) -> None: ...
 
-    def prefix_hashes(self, body: object) -> tuple[int, ...]: ...
+    def prefix_hashes(self, body: object, tokenizer: Tokenizer | None = None) -> tuple[int, ...]: ...
+
+    def prompt_blocks(self, body: object, tokenizer: Tokenizer | None) -> tuple[tuple[int, ...], float]:
+        """The prompt's block hashes and the prompt tokens one block stands for."""
+        ...
 
     def record(self, pick: Pick, hashes: tuple[int, ...], now: float) -> float:
         """Note where the request went; returns the blocks it probably found cached there."""

@@ -47,7 +47,7 @@ SCORERS: dict[str, Plugin] = {
     "gpu-util": Plugin("extproc.scheduler.scorers.gpu:GpuUtilScorer"),
     "prefix-affinity": Plugin(
         "extproc.scheduler.scorers.prefix_affinity:PrefixAffinityScorer",
-        params=("block_chars", "max_blocks", "ttl_s", "max_entries", "max_entries_per_replica"),
+        params=("block_chars", "max_blocks", "block_tokens", "ttl_s", "max_entries", "max_entries_per_replica"),
     ),
     "lora-affinity": Plugin("extproc.scheduler.scorers.lora_affinity:LoraAffinityScorer"),
 }

@@ -13,10 +13,15 @@ replica's queue approaches saturation, so no weight can hold a tenant on a repli
 call nearly full. ``drop-saturated`` already removes saturated replicas while others remain; when
 all are saturated none gets a bonus. docs/prefix-affinity.md has the figures per weight.
 
+Precise mode (docs/prefix-affinity.md): for a model with a tokenizer, a completions prompt is
+hashed as blocks of ``block_tokens`` token ids (``blocks.token_block_hashes``), the keys the
+engines' KV events are re-hashed into (``kv_events.TokenKeys``), so the index's entries from
+events match it; ``block_tokens`` must be the engines' KV block size (vLLM's default 16).
+
 Parameters (spec ``params``, strings): ``block_chars`` and ``max_blocks`` (how prompts are cut,
-``blocks.BlockConfig``), ``ttl_s``, ``max_entries`` and ``max_entries_per_replica`` (the index's
-expiry and bounds, ``index.IndexSettings``). Profiles with the same index settings share one
-index per process.
+``blocks.BlockConfig``), ``block_tokens`` (precise mode's block), ``ttl_s``, ``max_entries``
+and ``max_entries_per_replica`` (the index's expiry and bounds, ``index.IndexSettings``).
+Profiles with the same index settings share one index per process.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
+from tokenizers import Tokenizer
+
 from extproc.identify import CHARS_PER_TOKEN
-from extproc.prefix.blocks import DEFAULT_BLOCKS, BlockConfig, block_hashes
+from extproc.prefix.blocks import DEFAULT_BLOCKS, BlockConfig, block_hashes, token_block_hashes
 from extproc.prefix.index import IndexSettings, PrefixIndex, PrefixIndexes
 from extproc.prefix.prompt import prompt_text
+from extproc.prefix.tokens import prompt_token_ids
 from extproc.routing_view import ScoringView
 from extproc.scheduler.candidates import Candidate, FilterContext
 from extproc.scheduler.interfaces import RequestTerm, SchedulingRequest
@@ -35,6 +43,7 @@ from extproc.scheduler.results import Pick
 from extproc.scheduler.scorers import NEUTRAL
 
 _DEFAULT_INDEX = IndexSettings()
+DEFAULT_BLOCK_TOKENS = 16  # vLLM's default KV block size
 
 
 class PrefixAffinityScorer:
@@ -51,10 +60,14 @@ class PrefixAffinityScorer:
         ttl_s: str = str(_DEFAULT_INDEX.ttl_s),
         max_entries: str = str(_DEFAULT_INDEX.max_entries),
         max_entries_per_replica: str = str(_DEFAULT_INDEX.max_entries_per_replica),
+        block_tokens: str = str(DEFAULT_BLOCK_TOKENS),
     ):
         self.weight = weight
         # ValueError on a bad value: the Picker logs it and routes on the default profile.
         self.blocks = BlockConfig(int(block_chars), int(max_blocks))
+        self.block_tokens = int(block_tokens)
+        if self.block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens!r}")
         self.settings = IndexSettings(float(ttl_s), int(max_entries), int(max_entries_per_replica))
         self.index: PrefixIndex | None = None  # the process's, from bind()
 
@@ -66,11 +79,22 @@ class PrefixAffinityScorer:
 
     # -- the servicer's side -----------------------------------------------------------------
 
-    def prefix_hashes(self, body: object) -> tuple[int, ...]:
+    def prefix_hashes(self, body: object, tokenizer: Tokenizer | None = None) -> tuple[int, ...]:
         """The chained block hashes of the body's prompt (``()``: no prompt, or shorter than a block)."""
+        return self.prompt_blocks(body, tokenizer)[0]
+
+    def prompt_blocks(self, body: object, tokenizer: Tokenizer | None) -> tuple[tuple[int, ...], float]:
+        """The prompt's block hashes and the tokens a block stands for: token blocks when the
+        model has a tokenizer and the request is a completion (precise mode), else character
+        blocks (approximate; 0 tokens: the ``CHARS_PER_TOKEN`` estimate)."""
         blocks = self.blocks
+        if tokenizer is not None:
+            ids = prompt_token_ids(body, tokenizer)
+            if ids is not None:
+                size = self.block_tokens
+                return tuple(token_block_hashes(ids[: size * blocks.max_blocks], size)), float(size)
         text = prompt_text(body, blocks.max_chars)
-        return tuple(block_hashes(text, blocks)) if text else ()
+        return (tuple(block_hashes(text, blocks)) if text else ()), 0.0
 
     def record(self, pick: Pick, hashes: tuple[int, ...], now: float) -> float:
         """Note the prompt as cached on each routed version's primary: where it goes if Envoy's
@@ -90,7 +114,7 @@ class PrefixAffinityScorer:
         index = self.index
         if index is None or not request.prefix_hashes:
             return {}
-        tokens_per_block = self.blocks.block_chars / CHARS_PER_TOKEN
+        tokens_per_block = request.block_tokens or self.blocks.block_chars / CHARS_PER_TOKEN
         matched = index.match(request.prefix_hashes, addresses, time.monotonic())
         return {a: int(depth * tokens_per_block) for a, depth in matched.items() if depth}
 
