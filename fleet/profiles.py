@@ -44,8 +44,9 @@ class GpuProfile:
     weights_mib: int = 16384  # framebuffer used by the model weights
     max_loras: int = 1  # LoRA adapters per batch and on the GPU (vLLM's --max-loras, default 1)
     adapter_load_s: float = 0.25  # loading one adapter's weights onto the GPU
-    # vLLM V1's defaults: chunked prefill on, a per-step budget of 8192 tokens on GPUs of 70 GiB or
-    # more (2048 below), optimistic admission with recompute preemption.
+    # vLLM V1's defaults for its OpenAI server: chunked prefill on, a per-step budget of 8192 tokens
+    # on GPUs of 70 GiB or more other than the A100 (2048 there and below), optimistic admission
+    # with recompute preemption.
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int = 8192  # tokens one step computes (decodes + prefill chunks)
     optimistic_admission: bool = True  # admit on the prompt's KV, preempt under pressure
@@ -83,6 +84,7 @@ PROFILES: dict[str, GpuProfile] = {
             max_model_len=8192,
             prefix_cache_blocks=6144,
             memory_total_mib=81920,
+            max_num_batched_tokens=2048,
         ),
         GpuProfile(
             name="l4",
