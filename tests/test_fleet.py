@@ -451,6 +451,7 @@ async def test_fault_admin_rejects_bad_values(session):
                 "slowdown": 1.0,
                 "extra_waiting": 0,
                 "not_ready": False,
+                "crash_after_tokens": 0,
             }
 
 
