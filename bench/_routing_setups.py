@@ -42,6 +42,10 @@ CONTEXT_WINDOW = 8192
 # then many times what the fleet holds at once, so the queues a balancer builds show within a run
 # (the fleet's clock runs faster to make up for the throughput: bench/routing.py).
 SLOTS_DIVISOR = 4
+# The engine's step, as vLLM V1 runs it (fleet/scheduler.py): chunked prefill under the profile's
+# token budget, optimistic admission with preemption under KV pressure. Both off gives the older
+# model (whole-prompt prefill, admission on prompt + max_tokens, no preemption).
+SCHEDULER: dict[str, bool] = {"enable_chunked_prefill": True, "optimistic_admission": True}
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,17 @@ class ReplicaSpec:
     gpu: str  # a profile of fleet/profiles.py
     kv_capacity_tokens: int | None = None  # None: the profile's
 
-    def overrides(self) -> dict[str, int]:
-        """The batch slots, the KV capacity, and a prefix cache as large as the KV cache (in vLLM
-        the cached blocks live in the KV cache), so a replica with less memory also caches less."""
+    def overrides(self) -> dict[str, int | bool]:
+        """The batch slots, the KV capacity, a prefix cache as large as the KV cache (in vLLM the
+        cached blocks live in the KV cache), so a replica with less memory also caches less, and
+        the engine's ``SCHEDULER`` switches."""
         profile = get_profile(self.gpu)
         kv = self.kv_capacity_tokens or profile.kv_capacity_tokens
         return {
             "max_num_seqs": max(1, profile.max_num_seqs // SLOTS_DIVISOR),
             "kv_capacity_tokens": kv,
             "prefix_cache_blocks": kv // profile.block_size,
+            **SCHEDULER,
         }
 
     def profile(self) -> GpuProfile:

@@ -2,7 +2,8 @@
 
 The demo (`imesh up --demo`), the end-to-end tests and the benchmarks need replicas whose
 load signals are honest: a replica with a full batch really queues, a slow GPU really
-decodes slower and a busy KV cache really fills up. That is what lets tests assert that the
+decodes slower, a long prompt is prefilled in chunks between decode steps and a busy KV cache
+really fills up, and then preempts (``fleet.scheduler``). That is what lets tests assert that the
 mesh's load-aware picker avoids loaded or slow replicas. A replica may serve LoRA adapters of
 its model, named as the request's model, with vLLM's slot limit, load time and metric
 (``fleet.lora``, ``fleet.metrics``), and publish vLLM's KV-cache events over ZMQ, tokenizing

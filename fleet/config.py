@@ -114,6 +114,9 @@ class ReplicaConfig(BaseModel):
             if key == "device_name":
                 if not isinstance(val, str):
                     raise ValueError("device_name must be a string")
+            elif key in _BOOLS:
+                if not isinstance(val, bool):
+                    raise ValueError(f"{key} must be true or false, got {val!r}")
             elif isinstance(val, bool) or not isinstance(val, int | float) or val < 0:
                 raise ValueError(f"{key} must be a non-negative number, got {val!r}")
             elif key in _POSITIVE_INTS and (not float(val).is_integer() or val < 1):
@@ -156,8 +159,10 @@ _POSITIVE_INTS = frozenset(
         "memory_total_mib",
         "weights_mib",
         "max_loras",
+        "max_num_batched_tokens",
     }
 )
+_BOOLS = frozenset({"enable_chunked_prefill", "optimistic_admission"})
 
 
 class FleetConfig(BaseModel):

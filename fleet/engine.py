@@ -2,15 +2,17 @@
 
 It is a small discrete-time model of vLLM's scheduler, run on the event loop:
 
-* requests wait in a FIFO queue and are admitted, in order, while a batch slot is free
-  (``max_num_seqs``) and the KV cache can hold the whole request (prompt + output); the
-  head of the queue blocks the rest, as in vLLM's first-come-first-served policy;
-* one engine step costs ``decode_base + decode_per_seq * batch`` plus the prefill of the
-  sequences admitted in that step (per *uncached* prompt token), all multiplied by the
-  fleet's ``time_scale`` and the replica's ``slowdown`` fault;
-* at the end of each step every running sequence emits one token (the step that prefills a
-  sequence also produces its first token, so TTFT = queueing + one step);
-* KV usage is the tokens the batch holds (prompt + generated so far) over the capacity;
+* requests wait in a FIFO queue; each step the scheduler (``fleet.scheduler``) reserves KV for
+  the decodes (preempting the newest sequence when the cache runs out, with optimistic
+  admission), runs the decodes, then prefill chunks under the step's token budget
+  (``max_num_batched_tokens``, with chunked prefill), then admits waiting requests in order while
+  a batch slot is free (``max_num_seqs``), budget is left and the KV cache can hold them;
+* one engine step costs ``decode_base + decode_per_seq * batch`` plus the prefill of the prompt
+  tokens computed in it (per *uncached* token), all multiplied by the fleet's ``time_scale`` and
+  the replica's ``slowdown`` fault;
+* at the end of each step every sequence whose prefill is complete emits one token (the step that
+  completes a prefill also produces the first token);
+* KV usage is the tokens the batch holds (prefilled so far + generated) over the capacity;
 * a prefix cache of cumulatively hashed prompt blocks (bounded LRU) makes a repeated
   prompt prefix prefill at ~no cost; its stores, evictions and resets go to an optional
   ``cache_listener`` (``fleet.kv_publisher``: vLLM's KV events);
@@ -28,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from fleet.faults import Faults
 from fleet.lora import LoraSlots
 from fleet.profiles import GpuProfile
+from fleet.scheduler import Scheduler
+from fleet.sequence import EngineStopped, Sequence
+
+__all__ = ["Engine", "EngineListener", "EngineStopped", "RequestTooLarge", "Sequence"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,6 @@ class RequestTooLarge(ValueError):
     """The request can never fit this replica (context length or KV capacity)."""
 
 
-class EngineStopped(RuntimeError):
-    """The engine was stopped while the request was queued or running."""
-
-
 class EngineListener(Protocol):
     """Receives engine events; the metrics module implements it."""
 
@@ -56,6 +57,7 @@ class EngineListener(Protocol):
     def on_first_token(self, model: str, ttft_s: float) -> None: ...
     def on_tokens(self, model: str, count: int) -> None: ...
     def on_finish(self, seq: Sequence) -> None: ...
+    def on_preempt(self, seq: Sequence) -> None: ...
 
 
 class PrefixCacheListener(Protocol):
@@ -64,101 +66,6 @@ class PrefixCacheListener(Protocol):
     def on_stored(self, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None: ...
     def on_removed(self, hashes: list[int]) -> None: ...
     def on_cleared(self) -> None: ...
-
-
-class Sequence:
-    """One request inside the engine. Await ``wait()`` or iterate ``stream()``."""
-
-    __slots__ = (
-        "id",
-        "model",
-        "adapter",
-        "prompt_tokens",
-        "block_hashes",
-        "token_ids",
-        "max_tokens",
-        "limit_reason",
-        "arrival",
-        "admitted_at",
-        "first_token_at",
-        "finished_at",
-        "generated",
-        "cached_tokens",
-        "finish_reason",
-        "ready_at",
-        "prefilled",
-        "_queue",
-        "_done",
-    )
-
-    def __init__(
-        self,
-        seq_id: int,
-        model: str,
-        prompt_tokens: int,
-        block_hashes: list[int],
-        max_tokens: int,
-        limit_reason: str,
-        arrival: float,
-        streaming: bool,
-        adapter: str | None = None,
-        token_ids: list[int] | None = None,
-    ) -> None:
-        self.id = seq_id
-        self.model = model  # the base model (the metrics' model_name), also for an adapter's request
-        self.adapter = adapter  # the LoRA adapter it runs with, if any
-        self.prompt_tokens = prompt_tokens
-        self.block_hashes = block_hashes
-        self.token_ids = token_ids  # the prompt's token ids, for KV events (None: no listener)
-        self.max_tokens = max_tokens
-        self.limit_reason = limit_reason  # finish_reason reported when max_tokens is reached
-        self.arrival = arrival
-        self.admitted_at: float | None = None
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.generated = 0
-        self.cached_tokens = 0
-        self.finish_reason: str | None = None
-        self.ready_at = 0.0  # when admitted: the time its adapter is on the GPU (may prefill from then)
-        self.prefilled = False
-        self._queue: asyncio.Queue[int | None] | None = asyncio.Queue() if streaming else None
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def kv_tokens(self) -> int:
-        """Tokens this sequence holds in the KV cache right now (none before its prefill)."""
-        return self.prompt_tokens + self.generated if self.prefilled else 0
-
-    async def wait(self) -> Sequence:
-        """Wait until the sequence finishes; raises ``EngineStopped`` if it was aborted."""
-        await asyncio.shield(self._done)
-        if self.finish_reason == "abort":
-            raise EngineStopped("request aborted")
-        return self
-
-    async def stream(self) -> AsyncIterator[int]:
-        """Yield each generated token's index as the engine emits it."""
-        assert self._queue is not None, "submit(..., streaming=True) to stream"
-        while (index := await self._queue.get()) is not None:
-            yield index
-        if self.finish_reason == "abort":
-            raise EngineStopped("request aborted")
-
-    def _emit(self, index: int) -> None:
-        if self._queue is not None:
-            self._queue.put_nowait(index)
-
-    def _finish(self, reason: str, now: float) -> None:
-        self.finish_reason = reason
-        self.finished_at = now
-        if self._queue is not None:
-            self._queue.put_nowait(None)
-        if not self._done.done():
-            self._done.set_result(None)
 
 
 class Engine:
@@ -179,9 +86,9 @@ class Engine:
         self.cache_listener: PrefixCacheListener | None = None
         self.faults = Faults()
         self.lora = LoraSlots(profile.max_loras, profile.adapter_load_s * time_scale)
-        self._waiting: collections.deque[Sequence] = collections.deque()
-        self._running: list[Sequence] = []
-        self._reserved = 0  # KV tokens promised to the running batch (prompt + max_tokens)
+        self.scheduler = Scheduler(profile, self.lora, self._start_prefill)
+        self._waiting = self.scheduler.waiting  # the scheduler's own queue and batch
+        self._running = self.scheduler.running
         self._prefix: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._next_id = 0
         self._wake = asyncio.Event()
@@ -193,6 +100,7 @@ class Engine:
         self.busy_s = 0.0  # simulated step time spent, in (scaled) seconds
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.preemptions = 0
         self.last_step_s = 0.0
         self.last_batch = 0
 
@@ -218,7 +126,6 @@ class Engine:
             self.aborted += 1
         self._waiting.clear()
         self._running.clear()
-        self._reserved = 0
 
     # ---- requests --------------------------------------------------------------------
 
@@ -278,7 +185,6 @@ class Engine:
             return
         if seq in self._running:
             self._running.remove(seq)
-            self._reserved -= seq.prompt_tokens + seq.max_tokens
         else:
             try:
                 self._waiting.remove(seq)
@@ -349,6 +255,8 @@ class Engine:
             "kv_cache_usage": round(self.kv_usage, 6),
             "kv_tokens_held": self.kv_tokens_held,
             "kv_capacity_tokens": p.kv_capacity_tokens,
+            "prefilling": sum(1 for s in self._running if s.started and not s.prefilled),
+            "preemptions": self.preemptions,
             "gpu_util": round(self.gpu_util, 3),
             "served": self.served,
             "aborted": self.aborted,
@@ -374,48 +282,23 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------
 
-    def _admit(self, now: float) -> None:
-        """Admit waiting sequences in FIFO order. KV that does not fit blocks the queue; an
-        adapter the batch has no room for only skips its own sequence."""
-        p = self.profile
-        waiting = self._waiting
-        batch = {s.adapter for s in self._running if s.adapter is not None}
-        skipped: list[Sequence] = []
-        while waiting and len(self._running) < p.max_num_seqs:
-            seq = waiting[0]
-            adapter = seq.adapter
-            if adapter is not None and not self.lora.admits(adapter, batch):
-                skipped.append(waiting.popleft())  # vLLM skips it and keeps its place in the queue
-                continue
-            need = seq.prompt_tokens + seq.max_tokens
-            if self._reserved + need > p.kv_capacity_tokens:
-                break  # head-of-line blocks, as vLLM's FCFS scheduler does
-            waiting.popleft()
-            self._reserved += need
-            seq.admitted_at = now
-            if adapter is not None:
-                seq.ready_at = self.lora.acquire(adapter, batch, now)
-                batch.add(adapter)
-            self._running.append(seq)
-        waiting.extendleft(reversed(skipped))
-        if batch:
-            self.lora.touch(batch)
-
-    def _prefill(self, now: float) -> int:
-        """Start the prefill of every admitted sequence whose adapter (if any) is ready; return
-        their uncached prompt tokens."""
-        uncached = 0
-        for seq in self._running:
-            if seq.prefilled or seq.ready_at > now:
-                continue
-            seq.prefilled = True
-            seq.cached_tokens = self._lookup_prefix(seq)
-            uncached += seq.prompt_tokens - seq.cached_tokens
+    def _start_prefill(self, seq: Sequence) -> int:
+        """A sequence's prefill begins: consult the prefix cache; return its cached tokens. Only a
+        request's first prefill counts in the prompt and prefix-cache counters."""
+        cached = self._lookup_prefix(seq)
+        if seq.preemptions == 0:
+            seq.cached_tokens = cached
             self.prefix_queries += seq.prompt_tokens
-            self.prefix_hits += seq.cached_tokens
+            self.prefix_hits += cached
             if self.listener is not None:
-                self.listener.on_prefill(seq.model, seq.prompt_tokens, seq.cached_tokens)
-        return uncached
+                self.listener.on_prefill(seq.model, seq.prompt_tokens, cached)
+        return cached
+
+    def _preempted(self, seqs: list[Sequence]) -> None:
+        self.preemptions += len(seqs)
+        if self.listener is not None:
+            for seq in seqs:
+                self.listener.on_preempt(seq)
 
     def _lookup_prefix(self, seq: Sequence) -> int:
         """Count the cached leading blocks and record this prompt's blocks (LRU)."""
@@ -447,23 +330,24 @@ class Engine:
         if evicted:
             listener.on_removed(evicted)
 
-    def _step_seconds(self, batch: int, uncached: int) -> float:
+    def _step_seconds(self, batch: int, prefill_tokens: int) -> float:
         p = self.profile
-        raw = p.decode_base_s + p.decode_per_seq_s * batch + p.prefill_s_per_token * uncached
+        raw = p.decode_base_s + p.decode_per_seq_s * batch + p.prefill_s_per_token * prefill_tokens
         return raw * self.time_scale * self.faults.slowdown
 
     def _emit(self) -> None:
-        """End of a step: every running sequence gets one token; finished ones leave."""
+        """End of a step: every prefilled sequence gets one token; finished ones leave."""
         now = asyncio.get_running_loop().time()
         listener = self.listener
         done = False
         tokens: dict[str, int] = {}
         for seq in self._running:
-            if not seq.prefilled:  # its adapter is still loading
+            if not seq.prefilled:  # its prefill is under way, or its adapter is still loading
                 continue
             if seq.max_tokens > 0:
                 tokens[seq.model] = tokens.get(seq.model, 0) + 1
                 seq.generated += 1
+                seq.computed += 1
                 if seq.generated == 1:
                     seq.first_token_at = now
                     if listener is not None:
@@ -471,7 +355,6 @@ class Engine:
                 seq._emit(seq.generated - 1)
             if seq.generated >= seq.max_tokens:
                 seq._finish(seq.limit_reason, now)
-                self._reserved -= seq.prompt_tokens + seq.max_tokens
                 self.served += 1
                 done = True
                 if listener is not None:
@@ -480,7 +363,7 @@ class Engine:
             for model, count in tokens.items():
                 listener.on_tokens(model, count)
         if done:
-            self._running = [s for s in self._running if not s.finished]
+            self._running[:] = [s for s in self._running if not s.finished]
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -491,16 +374,17 @@ class Engine:
                 await self._wake.wait()
                 deadline = loop.time()
             now = loop.time()
-            self._admit(now)
-            uncached = self._prefill(now)
-            batch = sum(1 for s in self._running if s.prefilled)
+            plan = self.scheduler.plan(now)
+            if plan.preempted:
+                self._preempted(plan.preempted)
+            batch = plan.batch
             if not batch:
                 # Nothing admissible (cannot happen for requests that passed check_fits), or every
                 # admitted sequence waits for its adapter: sleep until one is ready or a request comes.
                 await self._idle_until(min((s.ready_at for s in self._running), default=None))
                 deadline = loop.time()
                 continue
-            step = self._step_seconds(batch, uncached)
+            step = self._step_seconds(batch, plan.prefill_tokens)
             self.last_step_s = step
             self.last_batch = batch
             deadline += step

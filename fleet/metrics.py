@@ -123,6 +123,9 @@ class ReplicaMetrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", lbl, registry=r)
         self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", lbl, registry=r)
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", lbl, registry=r)
+        self.preemptions = Counter(
+            "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", lbl, registry=r
+        )
         self.request_success = Counter(
             "vllm:request_success", "Finished requests.", ["model_name", "finished_reason"], registry=r
         )
@@ -164,6 +167,7 @@ class ReplicaMetrics:
                 self.generation_tokens,
                 self.prefix_queries,
                 self.prefix_hits,
+                self.preemptions,
                 self.ttft,
                 self.e2e,
                 self.tpot,
@@ -194,6 +198,9 @@ class ReplicaMetrics:
 
     def on_tokens(self, model: str, count: int) -> None:
         self.generation_tokens.labels(model_name=model).inc(count)
+
+    def on_preempt(self, seq: Sequence) -> None:
+        self.preemptions.labels(model_name=seq.model).inc()
 
     def on_finish(self, seq: Sequence) -> None:
         assert seq.finished_at is not None and seq.admitted_at is not None

@@ -9,6 +9,12 @@ the mesh is the ordering and the shape of the costs, not the absolute values:
   slower as the batch grows, which is what makes a loaded replica a worse pick);
 * ``max_num_seqs`` bounds the batch (continuous batching slots), and
   ``kv_capacity_tokens`` bounds the tokens the running batch may hold;
+* a step computes at most ``max_num_batched_tokens`` tokens (decodes first, then prefill chunks)
+  when ``enable_chunked_prefill`` is on, as vLLM V1's scheduler does; off, a prompt is prefilled
+  whole in the step that admits it;
+* ``optimistic_admission`` (vLLM's way) admits a request when the KV cache holds its prompt and
+  preempts the newest sequence when the cache runs out; off, a request is admitted only when the
+  cache can hold its prompt plus ``max_tokens``, and nothing is ever preempted (fleet/scheduler.py);
 * ``max_loras`` bounds the distinct LoRA adapters of one batch (and on the GPU), and loading
   an adapter that is not resident costs ``adapter_load_s`` (fleet/lora.py).
 """
@@ -38,6 +44,12 @@ class GpuProfile:
     weights_mib: int = 16384  # framebuffer used by the model weights
     max_loras: int = 1  # LoRA adapters per batch and on the GPU (vLLM's --max-loras, default 1)
     adapter_load_s: float = 0.25  # loading one adapter's weights onto the GPU
+    # vLLM V1's defaults for its OpenAI server: chunked prefill on, a per-step budget of 8192 tokens
+    # on GPUs of 70 GiB or more other than the A100 (2048 there and below), optimistic admission
+    # with recompute preemption.
+    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int = 8192  # tokens one step computes (decodes + prefill chunks)
+    optimistic_admission: bool = True  # admit on the prompt's KV, preempt under pressure
 
     def with_overrides(self, overrides: dict[str, Any]) -> GpuProfile:
         """Return a copy with some fields replaced (unknown fields raise ``TypeError``)."""
@@ -72,6 +84,7 @@ PROFILES: dict[str, GpuProfile] = {
             max_model_len=8192,
             prefix_cache_blocks=6144,
             memory_total_mib=81920,
+            max_num_batched_tokens=2048,
         ),
         GpuProfile(
             name="l4",
@@ -84,6 +97,7 @@ PROFILES: dict[str, GpuProfile] = {
             max_model_len=8192,
             prefix_cache_blocks=2048,
             memory_total_mib=23034,
+            max_num_batched_tokens=2048,
         ),
         GpuProfile(
             name="cpu",
@@ -96,6 +110,7 @@ PROFILES: dict[str, GpuProfile] = {
             max_model_len=2048,
             prefix_cache_blocks=512,
             memory_total_mib=32768,
+            max_num_batched_tokens=2048,
         ),
     )
 }

@@ -396,8 +396,8 @@ async def test_kv_cache_use_follows_tokens_held(session):
         await task
         assert (await scrape(session, url))["vllm:kv_cache_usage_perc"] == 0
 
-        # Admission respects KV capacity: each needs ~900 tokens, so only 2 of 5 run at once
-        # although 8 slots are free.
+        # Admission respects KV capacity: each prompt is ~800 tokens (what optimistic admission
+        # claims; with its 100 outputs, ~900), so only 2 of 5 run at once although 8 slots are free.
         tasks = [
             asyncio.create_task(chat(session, url, long_text(800, tag="abcde"[i]), max_tokens=100)) for i in range(5)
         ]
@@ -451,6 +451,7 @@ async def test_fault_admin_rejects_bad_values(session):
                 "slowdown": 1.0,
                 "extra_waiting": 0,
                 "not_ready": False,
+                "crash_after_tokens": 0,
             }
 
 
