@@ -61,6 +61,10 @@ def test_an_unready_replica_gets_no_requests_until_it_is_ready_again(tmp_path, p
         wait_until(lambda: set(cluster_health(mesh).values()) == {"healthy"}, 30, "every replica checked healthy")
         mesh.set_faults("r2", not_ready=True)  # /health answers 503; /metrics and inference still work
         wait_until(lambda: "failed_active_hc" in cluster_health(mesh).get(r2, ""), 30, "r2 failing its check")
+        if picker:  # the picker learns it from the load report: the control plane's probe, then a push
+            with MeshClient(mesh.mesh.control_plane_address) as client:
+                wait_until(lambda: _reading(client, r2).not_ready, 30, "r2 reported not ready")
+            wait_until(lambda: r2 not in served_by(requests(mesh, 10, body_named)), 30, "the picker leaving r2 out")
         out = requests(mesh, 40, body_named)
         assert all(r.status_code == 200 for r in out), collections.Counter(r.status_code for r in out)
         assert r2 not in served_by(out), served_by(out)
