@@ -51,7 +51,7 @@ CONCURRENT_STREAMS = 500 if QUICK else 2000
 RESILIENCE = {
     "health_checks": {"interval_s": 0.5, "timeout_s": 0.5, "unhealthy_threshold": 1},
     "outlier_detection": {"consecutive_5xx": 3, "base_ejection_s": 30},
-    "retries": {"per_try_timeout_s": 2.0, "budget_percent": 100},
+    "retries": {"per_try_timeout_s": 2.0, "budget_percent": 100, "min_retry_concurrency": 16},
 }
 
 

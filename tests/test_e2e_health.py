@@ -107,14 +107,17 @@ def test_a_503_and_a_hung_replica_are_retried_on_another_replica(tmp_path):
     mesh = three_replicas(
         tmp_path,
         outlier_detection={"consecutive_5xx": 0, "consecutive_gateway_failure": 0},
-        retries={"per_try_timeout_s": 5.0, "budget_percent": 100},  # generous: a loaded machine is slow too
+        # Every concurrent client's first try may fail at once: retries in flight are not capped below that.
+        retries={"per_try_timeout_s": 5.0, "budget_percent": 100, "min_retry_concurrency": 16},
     )
     with mesh.mesh:
         mesh.mesh.wait_for_completion("chat")
         r1 = mesh.replica("r1").address
         mesh.set_faults("r1", error_rate=1.0, error_status=503)
         out = requests(mesh, 40)
-        assert all(r.status_code == 200 for r in out), collections.Counter(r.status_code for r in out)
+        assert all(r.status_code == 200 for r in out), [
+            (r.status_code, r.text[:200]) for r in out if r.status_code != 200
+        ]
         assert r1 not in served_by(out)  # every try that landed there was retried elsewhere
         stats = httpx.get(f"{mesh.mesh.admin_url}/stats?filter=cluster.chat/v1.upstream_rq_retry$").text
         assert int(stats.rsplit(":", 1)[1]) > 0

@@ -80,7 +80,8 @@ class RetrySpec(_Section):
     budget_percent: float = Field(
         default=20.0, ge=0, le=100, description="retries in flight at most this share of a version's active requests"
     )
-    min_retry_concurrency: int = Field(default=3, ge=0, description="retries always allowed, whatever the budget")
+    # Envoy's default is 3; a GPU replica that dies fails dozens of requests at once, all worth a retry.
+    min_retry_concurrency: int = Field(default=10, ge=0, description="retries always allowed, whatever the budget")
     per_try_timeout_s: float = Field(
         default=30.0, ge=0, description="a try without response headers this long moves to another replica; 0 = none"
     )

@@ -26,8 +26,11 @@ from controlplane.spec.resilience import HealthCheckSpec, OutlierDetectionSpec, 
 # prefill: its work is lost anyway), and the statuses the spec names. Envoy retries only while
 # nothing of the response has gone downstream, so a stream that has begun is never replayed.
 _RETRY_ON = "connect-failure,refused-stream,reset"
-# Envoy never retries a try on the host it just failed on, or on any host tried before.
-_HOST_SELECTION_ATTEMPTS = 5
+# A retry goes to a host not tried before: the pick list's next one, else Envoy's balancer, whose
+# choice the previous-hosts predicate rejects and redraws up to this many times. Least-request
+# favours the failing replica (it answers fast, so it looks idle): 5 redraws among 3 replicas
+# still landed on it again in ~1 of 8 retries; 20 make that ~1 in 3,000.
+_HOST_SELECTION_ATTEMPTS = 20
 
 
 def _seconds(value: float) -> duration_pb2.Duration:
