@@ -334,12 +334,14 @@ def _write_resilience_doc(text: str) -> None:
 
 def run(out_dir: Path) -> str:
     root = scratch_dir("faults")
+    load_before = os.getloadavg()[0]
     results = [case(root / case.__name__) for case in CASES]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (
         f"<sub>`bench/faults.py`, {when}; {CLIENTS} client threads back to back, 3 simulated replicas, each its own"
-        " process</sub>\n\nA failed request is anything but a complete 200; recovery is the fault to the last"
-        " failure.\n\n" + table(results)
+        f" process; {os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} when it started,"
+        f" {os.getloadavg()[0]:.1f} when it ended</sub>\n\nA failed request is anything but a complete 200;"
+        " recovery is the fault to the last failure.\n\n" + table(results)
     )
     _write_resilience_doc(text)
     return text
