@@ -39,6 +39,7 @@ import json
 from collections.abc import Mapping
 from urllib.parse import unquote
 
+from extproc.budget import requested_tokens
 from extproc.errors import RequestError, body_too_large
 from extproc.routing_view import AdapterView, RoutingView
 from protos.wire import BODY_MODEL_PATHS, MODEL_ID_HEADER, MODELS_LIST_PATH, PRIORITY_HEADER
@@ -52,11 +53,6 @@ KSERVE_GRPC_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 _MODELS_PREFIX = MODELS_LIST_PATH + "/"
 _KSERVE_PREFIX = "/v2/models/"
 _KSERVE_PREFIX_LEN = len(_KSERVE_PREFIX)
-
-
-# Text tokens are estimated at this many characters each (English text with BPE tokenizers runs
-# at about 4); the ext_proc has no tokenizer per model in the data path.
-CHARS_PER_TOKEN = 4
 
 
 class Identity:
@@ -152,6 +148,12 @@ def needs_body(method: str, path: str) -> bool:
 def carries_prompt(method: str | None, path: str) -> bool:
     """True for a POST to an endpoint whose JSON body carries a prompt (``PROMPT_PATHS``)."""
     return method == "POST" and _strip_query(path) in PROMPT_PATHS
+
+
+def carries_tokens(method: str | None, path: str) -> bool:
+    """True for a POST whose JSON body may carry a prompt the context-window check counts: an
+    OpenAI endpoint's (``BODY_MODEL_PATHS``) or a KServe v2 REST path's (``extproc/budget.py``)."""
+    return method == "POST" and (path.startswith(_KSERVE_PREFIX) or _strip_query(path) in BODY_MODEL_PATHS)
 
 
 def identify(headers: Mapping[str, str]) -> Identity:
@@ -253,83 +255,10 @@ def _json_kind(value: object) -> str:
     return "number"
 
 
-def _int_field(doc: dict, *names: str) -> int:
-    for name in names:
-        value = doc.get(name)
-        if type(value) is int and value > 0:
-            return value
-    return 0
-
-
-def _content_chars(content: object) -> int:
-    """Characters of a chat message's content: a string or a list of parts with "text"."""
-    if type(content) is str:
-        return len(content)
-    chars = 0
-    if type(content) is list:
-        for part in content:
-            if type(part) is dict:
-                text = part.get("text")
-                if type(text) is str:
-                    chars += len(text)
-            elif type(part) is str:
-                chars += len(part)
-    return chars
-
-
-def _chars_to_tokens(chars: int) -> int:
-    return (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
-
-
-def _prompt_tokens(prompt: object) -> int:
-    """Tokens of one ``prompt``/``input``: a string (chars / 4), token ids, or a batch of either.
-
-    A batch (list of strings, list of id lists) is several independent prompts: each must fit the
-    context window on its own, so the largest counts, not the sum.
-    """
-    if type(prompt) is str:
-        return _chars_to_tokens(len(prompt))
-    if type(prompt) is not list or not prompt:
-        return 0
-    first = prompt[0]
-    if type(first) is int:
-        return len(prompt)  # already token ids
-    if type(first) is dict:  # Responses API: a list of messages
-        chars = 0
-        for item in prompt:
-            if type(item) is dict:
-                chars += _content_chars(item.get("content"))
-        return _chars_to_tokens(chars)
-    largest = 0
-    for item in prompt:
-        if type(item) is str:
-            tokens = _chars_to_tokens(len(item))
-        elif type(item) is list:
-            tokens = len(item)
-        else:
-            continue
-        if tokens > largest:
-            largest = tokens
-    return largest
-
-
 def estimate_tokens(doc: dict) -> int:
-    """Requested tokens: prompt estimate (chars / 4, or token-id count) plus the output limit."""
-    tokens = _int_field(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
-    messages = doc.get("messages")
-    if type(messages) is list:
-        chars = 0
-        for message in messages:
-            if type(message) is dict:
-                chars += _content_chars(message.get("content"))
-        tokens += _chars_to_tokens(chars)
-    else:
-        prompt = doc.get("prompt")
-        if prompt is None:
-            prompt = doc.get("input")
-        if prompt is not None:
-            tokens += _prompt_tokens(prompt)
-    return tokens
+    """Requested tokens by the estimate (``extproc/budget.py``: prompt chars / 4, or token-id
+    count, plus the output limit)."""
+    return requested_tokens(doc)
 
 
 def parse_kserve_grpc_body(body: bytes, max_bytes: int = 0) -> BodyInfo:

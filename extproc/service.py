@@ -24,12 +24,13 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from extproc.budget import could_exceed, output_tokens, requested_tokens, tokenizer_counter, window_floor
 from extproc.errors import RequestError, body_too_large, model_not_found
 from extproc.identify import (
     PROMPT_BODY,
     Identity,
     carries_prompt,
-    estimate_tokens,
+    carries_tokens,
     identify,
     parse_prompt_body,
     parse_request_body,
@@ -46,7 +47,7 @@ from extproc.responses import (
     route_mutation,
     routed,
 )
-from extproc.routing_view import RoutingView
+from extproc.routing_view import AdapterView, RoutingView
 from extproc.scheduler.interfaces import PromptScorer, SchedulingRequest
 from extproc.scheduler.picker import Picker
 from extproc.scheduler.results import Pick
@@ -109,9 +110,15 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if identity.models_query is not None:
             return identity, self._models_response(routing, identity.models_query)
         if identity.model is not None:
-            if not message.end_of_stream and self._reads_prompt(routing, identity, headers):
-                identity.body_kind = PROMPT_BODY
-                return identity, SEND_BODY
+            if not message.end_of_stream:
+                reads = self._reads_prompt(routing, identity, headers)
+                window = self._window_to_check(routing, identity, headers)
+                if isinstance(window, RequestError):
+                    self._metrics.refused(routing, identity.model, identity.priority, window.code)
+                    return identity, note_model(immediate(window), identity.model)
+                if reads or window:
+                    identity.body_kind = PROMPT_BODY
+                    return identity, SEND_BODY
             return identity, self._route(
                 routing,
                 identity.model,
@@ -124,7 +131,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         if identity.needs_body:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > routing.max_body_bytes:
-                return identity, immediate(body_too_large(int(length), routing.max_body_bytes))
+                error = body_too_large(int(length), routing.max_body_bytes)
+                self._metrics.refused(routing, None, identity.priority, error.code)
+                return identity, immediate(error)
             if message.end_of_stream:
                 return identity, immediate(RequestError(400, "missing_body", "request has no body naming a model"))
             return identity, SEND_BODY
@@ -146,6 +155,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 body_phase=True,
                 requested=identity.requested_version,
                 doc=parse_prompt_body(body, routing.max_body_bytes),
+                size=len(body),
             )
         try:
             info = parse_request_body(kind, body, routing.max_body_bytes)
@@ -161,6 +171,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             body_phase=True,
             requested=identity.requested_version,
             doc=info.doc,
+            size=len(body),
         )
 
     def _reads_prompt(self, routing: RoutingView, identity: Identity, headers: dict[str, str]) -> bool:
@@ -176,7 +187,55 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         limit = routing.max_body_bytes
         return not (limit and length is not None and length.isdigit() and int(length) > limit)
 
+    def _window_to_check(self, routing: RoutingView, identity: Identity, headers: dict[str, str]) -> int | RequestError:
+        """For a request whose headers or path name the model: the context window its body must be
+        read to check (0: none; its size says it cannot exceed the smallest window it may reach,
+        or the model has none), or the 413 for a body over the limit that might exceed it. The
+        output limit is in the body: a body too small to be read is not checked for it."""
+        assert identity.model is not None
+        if not carries_tokens(headers.get(":method"), identity.path):
+            return 0
+        model, version, _ = self._resolve(routing, identity.model, identity.version, identity.requested_version)
+        m = routing.model(model)
+        if m is None:
+            return 0
+        window = window_floor(m, version)
+        length = headers.get("content-length")
+        size = int(length) if length is not None and length.isdigit() else None
+        if not could_exceed(size, window, bool(m.tokenizer)):
+            return 0
+        limit = routing.max_body_bytes
+        if limit and size is not None and size > limit:
+            return body_too_large(size, limit)
+        return window
+
     # ------------------------------------------------------------ decisions
+
+    def _resolve(
+        self, routing: RoutingView, model: str, version: str | None, requested: str | None
+    ) -> tuple[str, str | None, AdapterView | None]:
+        """The model and version a request is routed as: a LoRA adapter's name becomes its base
+        model (and the version only it serves), and a forced version applies where the spec
+        allows it; elsewhere the header is ignored, as Envoy's fail-open routes ignore it
+        (docs/canary.md)."""
+        adapter = resolve_adapter(routing, model)
+        if adapter is not None:
+            model, version = adapter.model, version or adapter.version
+        if requested is not None and version is None:
+            m = routing.model(model)
+            if m is not None and m.allow_version_override:
+                version = requested
+        return model, version, adapter
+
+    def _count(self, routing: RoutingView, model: str, version: str | None, doc: dict, size: int, estimate: int) -> int:
+        """The tokens a read body asks for: by the model's tokenizer when the spec names one and the
+        body's size says it could exceed the window (tokenizing costs CPU), else the estimate
+        (``estimate``, 0: not made yet). Within the bound either count fits, and scorers take either."""
+        m = routing.model(model)
+        tokenizer = self._tokenizers.get(m.tokenizer) if m is not None else None
+        if m is None or tokenizer is None or not could_exceed(size, window_floor(m, version), True, output_tokens(doc)):
+            return estimate or requested_tokens(doc)
+        return requested_tokens(doc, tokenizer_counter(tokenizer))
 
     def _route(
         self,
@@ -188,18 +247,15 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         body_phase: bool,
         requested: str | None = None,
         doc: dict | None = None,
+        size: int = 0,
     ) -> ext.ProcessingResponse:
-        """``doc``: the parsed JSON body, when one was read (its prompt, for a prompt scorer)."""
+        """``doc``: the parsed JSON body of ``size`` bytes, when one was read: its tokens are
+        counted for the context-window check (``tokens`` is then the estimate, or 0), and its
+        prompt read by a prompt scorer."""
         view = self._view
-        adapter = resolve_adapter(routing, model)
-        if adapter is not None:  # a LoRA adapter's name: routed as its base model, the adapter noted
-            model, version = adapter.model, version or adapter.version
-        if requested is not None and version is None:
-            # A forced version (A/B testing) only where the spec allows it; elsewhere the header is
-            # ignored, as Envoy's fail-open routes ignore it (docs/canary.md).
-            m = routing.model(model)
-            if m is not None and m.allow_version_override:
-                version = requested
+        model, version, adapter = self._resolve(routing, model, version, requested)
+        if doc is not None:
+            tokens = self._count(routing, model, version, doc, size, tokens)
         prompt: PromptScorer | None = None
         request: SchedulingRequest | None = None
         if doc is not None:
@@ -209,9 +265,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 tokenizer = self._tokenizers.get(m.tokenizer) if m is not None else None
                 hashes, block_tokens = prompt.prompt_blocks(doc, tokenizer)
                 if hashes:
-                    # A header-named request's pick keeps tokens 0 (no context-window check, as
-                    # before); the scorers still learn its size.
-                    request = SchedulingRequest(tokens or estimate_tokens(doc), hashes, block_tokens=block_tokens)
+                    request = SchedulingRequest(tokens, hashes, block_tokens=block_tokens)
         if adapter is not None:  # for lora-affinity
             if request is None:
                 request = SchedulingRequest(tokens, adapter=adapter.name)

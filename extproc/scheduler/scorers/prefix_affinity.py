@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 from tokenizers import Tokenizer
 
-from extproc.identify import CHARS_PER_TOKEN
+from extproc.budget import CHARS_PER_TOKEN
 from extproc.prefix.blocks import DEFAULT_BLOCKS, BlockConfig, block_hashes, token_block_hashes
 from extproc.prefix.index import IndexSettings, PrefixIndex, PrefixIndexes
 from extproc.prefix.prompt import prompt_text
