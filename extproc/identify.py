@@ -18,7 +18,9 @@ The body is also read, with the model already named, when the model's scheduling
 the prompt (prefix affinity, docs/prefix-affinity.md) and the request is a POST to an endpoint
 whose body carries one (``carries_prompt``): the servicer then sets ``body_kind`` to
 ``PROMPT_BODY``, and ``parse_prompt_body`` reads it leniently (a body it cannot read costs the
-request its affinity, never an error: the model is known already).
+request its affinity, never an error: the model is known already). The same happens on a POST
+whose body may carry a prompt (``carries_tokens``) when its size says it could exceed the model's
+context window (extproc/budget.py): the servicer counts its tokens.
 
 A name may be a LoRA adapter's (the spec's ``versions[].adapters``): vLLM serves an adapter
 named as the request's model. ``resolve_adapter`` turns it into its base model, which the request

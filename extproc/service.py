@@ -1,8 +1,9 @@
 """The ext_proc gRPC servicer: one bidirectional stream per HTTP request, inside Envoy's data path.
 
-Per request: identify the model (headers first; the body only when nothing else names it, or
-when the model's scheduling profile ranks on the prompt: prefix affinity), pick replicas from live
-load, and answer with the route headers plus the ranked host list in
+Per request: identify the model (headers first; the body only when nothing else names it, when
+the model's scheduling profile ranks on the prompt: prefix affinity, or when the body's size says
+it could exceed the model's context window: token budgets, extproc/budget.py), pick replicas from
+live load, and answer with the route headers plus the ranked host list in
 ``envoy.lb`` dynamic metadata. Refusals (unknown model, shed, too large) are immediate responses
 in the JSON error envelope. Until the first routing table arrives, requests pass through
 untouched and Envoy routes them on its own (fail-open), as it does when this process is down.
@@ -11,7 +12,11 @@ Prefix affinity (docs/prefix-affinity.md): for a model whose profile has a promp
 only then, the prompt is rendered and hashed into ``SchedulingRequest.prefix_hashes`` (as the
 model's token ids when the spec names its tokenizer: precise mode), and after the pick the scorer
 records where the request went (the primary of each routed version) in the process's prefix
-index. Other requests read no body and hash nothing.
+index. Other requests hash nothing.
+
+Token budgets (docs/contracts.md, "Token budgets"): a body that was read is counted (the model's
+tokenizer where the spec names one and the size says it could matter, else the estimate) and the
+picker refuses, 413, what fits no version's context window.
 """
 
 from __future__ import annotations

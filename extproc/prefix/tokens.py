@@ -12,7 +12,8 @@ loads) has its prompts tokenized here, as the engine does:
   requests stay on the approximate character blocks (``prompt.py``) even for such a model.
 
 Tokenizers load once per path per process (``TokenizerCache``); a file that cannot be loaded is
-logged once and the model stays approximate.
+logged once and the model stays approximate. The context-window check counts with the same
+tokenizers (extproc/budget.py).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _load(path: str) -> Tokenizer | None:
     try:
         return Tokenizer.from_file(path)
     except Exception as exc:  # the library raises plain Exceptions for missing or invalid files
-        log.error("cannot load tokenizer %s (%s): its model's prefix affinity stays approximate", path, exc)
+        log.error("cannot load tokenizer %s (%s): its model stays on estimates (token counts, prefix blocks)", path, exc)
         return None
 
 
