@@ -44,7 +44,7 @@ def _load(path: str) -> Tokenizer | None:
     try:
         return Tokenizer.from_file(path)
     except Exception as exc:  # the library raises plain Exceptions for missing or invalid files
-        log.error("cannot load tokenizer %s (%s): its model stays on estimates (token counts, prefix blocks)", path, exc)
+        log.error("cannot load tokenizer %s (%s): its model stays on estimates (tokens, prefixes)", path, exc)
         return None
 
 
