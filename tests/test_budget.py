@@ -25,6 +25,7 @@ from extproc.budget import (
     window_floor,
 )
 from extproc.mesh_view import MeshView
+from extproc.prefix.tokens import TokenizerCache
 from extproc.service import ExternalProcessor
 from extproc.telemetry import ExtprocMetrics
 from protos import mesh_pb2
@@ -91,6 +92,16 @@ def chat(content: str, max_tokens: int = 0, **extra: object) -> bytes:
     return json.dumps(body).encode()
 
 
+def write_padded_tokenizer(path) -> str:
+    """kv_fixtures' tokenizer, saved padded and truncated to 128 tokens, as sentence-transformers
+    models ship theirs (all-MiniLM-L6-v2's tokenizer.json does)."""
+    tokenizer = Tokenizer.from_file(str(write_tokenizer(path)))
+    tokenizer.enable_padding(length=128, pad_id=0, pad_token="[UNK]")
+    tokenizer.enable_truncation(max_length=128)
+    tokenizer.save(str(path))
+    return str(path)
+
+
 # ----------------------------------------------------------------------------- counting and bounds
 
 
@@ -115,6 +126,16 @@ def test_a_tokenizer_counts_what_it_encodes(tmp_path):
     messages = [{"role": "system", "content": words(0, 10)}, {"role": "user", "content": words(10, 5)}]
     assert requested_tokens({"messages": messages}, count) == len(tokenizer.encode(words(0, 15)).ids) == 15
     assert requested_tokens({"messages": messages}) == estimate_counter([words(0, 10), words(10, 5)])
+
+
+def test_a_loaded_tokenizer_neither_pads_nor_truncates(tmp_path):
+    path = write_padded_tokenizer(tmp_path / "padded.json")
+    assert len(Tokenizer.from_file(path).encode(words(0, 500)).ids) == 128  # as the file says
+    tokenizer = TokenizerCache().get(path)
+    assert tokenizer is not None
+    count = tokenizer_counter(tokenizer)
+    assert requested_tokens({"prompt": words(0, 500)}, count) == 500
+    assert requested_tokens({"prompt": "w1 w2"}, count) == 2
 
 
 def test_the_size_bound_is_bytes_for_a_tokenizer_and_a_quarter_for_the_estimate():
@@ -198,7 +219,7 @@ def test_a_body_over_the_limit_that_could_exceed_the_window_is_413_request_too_l
 
 
 def test_with_the_models_tokenizer_the_window_check_counts_its_tokens(tmp_path):
-    path = str(write_tokenizer(tmp_path / "t.json"))
+    path = write_padded_tokenizer(tmp_path / "t.json")  # padding and truncation are ignored
     servicer = ExternalProcessor(view_of([model("exact", WINDOW, tokenizer=path), model("rough", WINDOW)]))
 
     def check(name: str, body: bytes) -> str | None:

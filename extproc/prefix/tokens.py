@@ -42,10 +42,15 @@ class TokenizerCache:
 
 def _load(path: str) -> Tokenizer | None:
     try:
-        return Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_file(path)
     except Exception as exc:  # the library raises plain Exceptions for missing or invalid files
         log.error("cannot load tokenizer %s (%s): its model stays on estimates (tokens, prefixes)", path, exc)
         return None
+    # An engine encodes a prompt as it is: a tokenizer.json's padding (to a batch length) and
+    # truncation (to the model's training length) would pad the ids and cap the counts.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def prompt_token_ids(body: object, tokenizer: Tokenizer) -> list[int] | None:
