@@ -93,27 +93,27 @@ class EndpointSpec(_Strict):
         if not value:
             return value
         scheme, sep, rest = value.partition("://")
-        host, colon, port = rest.rpartition(":")
-        if scheme != "tcp" or not sep or not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        if scheme != "tcp" or not sep:
             raise ValueError(f"expected tcp://ip:port (a ZMQ endpoint), got {value!r}")
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            raise ValueError(f"expected an IP address before the port, got {host!r}") from None
+        _check_ip_port(rest, "tcp://ip:port (a ZMQ endpoint)", value)
         return value
 
     @field_validator("address")
     @classmethod
     def _ip_and_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected ip:port, got {value!r}")
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            # Envoy's EDS accepts only IP addresses; names are resolved by discovery, not here.
-            raise ValueError(f"expected an IP address before the port, got {host!r}") from None
+        # Envoy's EDS accepts only IP addresses; names are resolved by discovery, not here.
+        _check_ip_port(value, "ip:port", value)
         return value
+
+
+def _check_ip_port(host_port: str, expected: str, whole: str) -> None:
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected {expected}, got {whole!r}")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError(f"expected an IP address before the port, got {host!r}") from None
 
 
 class VersionSpec(_Strict):
