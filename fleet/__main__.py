@@ -2,7 +2,9 @@
 
 Prints ``fleet ready: N replicas`` on stdout (flushed) once every replica listens, which is
 what ``imesh up --demo`` and the tests wait for; logs go to stderr. Runs until SIGTERM or
-SIGINT, then stops every replica and exits 0. A bad config exits 2, a busy port 1.
+SIGINT; then it drains (readiness routes answer 503, so the mesh's health checks send nothing
+new, while the requests queued and running finish, at most ``--drain-timeout`` seconds), stops
+every replica and exits 0. A second signal stops at once. A bad config exits 2, a busy port 1.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="multiply every simulated duration (0.1 = 10x faster); overrides the config",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for text and error injection; overrides the config")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the requests in flight get to finish after SIGTERM (default 30; 0: stop at once)",
+    )
     p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     args = p.parse_args(argv)
@@ -35,7 +43,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def _serve(config: FleetConfig, time_scale: float | None, seed: int | None) -> int:
+async def _serve(config: FleetConfig, time_scale: float | None, seed: int | None, drain_s: float) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -48,6 +56,15 @@ async def _serve(config: FleetConfig, time_scale: float | None, seed: int | None
     try:
         print(f"fleet ready: {len(fleet)} replicas", flush=True)
         await stop.wait()
+        stop.clear()
+        if drain_s > 0:
+            logging.getLogger("fleet").info("draining (up to %gs; a second signal stops at once)", drain_s)
+            drain, second = asyncio.ensure_future(fleet.drain(drain_s)), asyncio.ensure_future(stop.wait())
+            await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
+            if drain.done() and drain.result():
+                logging.getLogger("fleet").warning("still busy after %gs: %s", drain_s, ", ".join(drain.result()))
+            for task in (drain, second):
+                task.cancel()
         logging.getLogger("fleet").info("stopping")
     finally:
         await fleet.stop()
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(config, args.time_scale, args.seed))
+        return runner.run(_serve(config, args.time_scale, args.seed, args.drain_timeout))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class ServingReplica(Protocol):
     @property
     def metrics(self) -> ReplicaMetrics: ...
 
+    @property
+    def ready(self) -> bool: ...  # what the readiness routes answer: not draining, no not_ready fault
+
     def tokenize(self, text: str) -> list[str]:
         """A prompt's pieces: the stand-in tokens, or ``#<id>`` of the replica's HF tokenizer."""
         ...

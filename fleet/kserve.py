@@ -74,7 +74,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    ok = not replica_of(request).engine.faults.not_ready
+    ok = replica_of(request).ready
     return web.json_response({"ready": ok}, status=200 if ok else 503)
 
 
@@ -95,7 +95,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     replica = replica_of(request)
     name, version = _model(replica, request)
-    ok = not replica.engine.faults.not_ready
+    ok = replica.ready
     return web.json_response({"name": name, "version": version, "ready": ok}, status=200 if ok else 503)
 
 

@@ -54,6 +54,7 @@ class Replica:
         self.kv_events: KVEventPublisher | None = None  # bound in start()
         # Error injection draws from its own seeded stream: reproducible under --seed.
         self._rng = random.Random(f"{seed}\x1e{self.name}")
+        self.draining = False  # set by drain(): readiness fails so the mesh sends nothing new
         self.errors_injected = 0
         self._runner: web.AppRunner | None = None
         self.host = config.host
@@ -99,6 +100,22 @@ class Replica:
                 await self.stop()
                 raise OSError(exc.errno, f"replica {self.name}: {exc.strerror or exc}") from None
             self.engine.cache_listener = self.kv_events
+
+    @property
+    def ready(self) -> bool:
+        return not (self.draining or self.engine.faults.not_ready)
+
+    async def drain(self, window_s: float, poll_s: float = 0.05) -> bool:
+        """Fail readiness (the mesh's health checks stop sending requests here), then wait until
+        the engine has nothing queued or running, at most `window_s` wall seconds; True if it emptied."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + window_s
+        while self.engine.num_waiting or self.engine.num_running:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
 
     async def stop(self) -> None:
         """Abort in-flight requests (their clients get 503) and close the listener."""
@@ -235,8 +252,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-    """vLLM's health route; follows the ``not_ready`` fault."""
-    if replica_of(request).engine.faults.not_ready:
+    """vLLM's health route: 503 while draining or under the ``not_ready`` fault."""
+    if not replica_of(request).ready:
         return web.Response(status=503)
     return web.Response(status=200)
 

@@ -6,6 +6,7 @@ replica's engine directly; the CLI (``python -m fleet``) wraps the same call.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from types import TracebackType
@@ -62,6 +63,12 @@ class RunningFleet:
         self.replicas[name] = fresh
         self._stopped.discard(name)
         return fresh
+
+    async def drain(self, window_s: float) -> list[str]:
+        """Drain every running replica at once (``Replica.drain``); the names of those not empty in time."""
+        running = [r for name, r in self.replicas.items() if name not in self._stopped]
+        emptied = await asyncio.gather(*(r.drain(window_s) for r in running))
+        return [r.name for r, ok in zip(running, emptied, strict=True) if not ok]
 
     async def stop(self) -> None:
         """Stop every replica (idempotent)."""

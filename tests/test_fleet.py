@@ -644,7 +644,20 @@ def test_cli_runs_until_sigterm(tmp_path):
                     json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
                 )
                 assert r.status_code == 200 and r.headers["x-sim-replica"] == "r1"
-            proc.send_signal(signal.SIGTERM)
+                # SIGTERM drains: a stream already running finishes, readiness says "not ready" meanwhile.
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60}
+                with http.stream(
+                    "POST", f"http://127.0.0.1:{ports[1]}/v1/chat/completions", json={**body, "stream": True}
+                ) as stream:
+                    chunks = stream.iter_text()
+                    first = next(chunks)
+                    proc.send_signal(signal.SIGTERM)
+                    deadline = time.monotonic() + 10
+                    while http.get(f"http://127.0.0.1:{ports[1]}/health").status_code != 503:
+                        assert time.monotonic() < deadline, "readiness still 200 after SIGTERM"
+                    assert http.get(f"http://127.0.0.1:{ports[0]}/v2/health/ready").status_code == 503
+                    text = first + "".join(chunks)
+                assert "data: [DONE]" in text and text.count('"delta"') >= 60
             assert proc.wait(timeout=10) == 0
             assert proc.stdout.read() == ""  # the ready line is the only stdout
         finally:
