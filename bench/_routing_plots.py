@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from bench._routing_report import WORKLOAD_LABELS, fmt_s
 from bench._routing_results import Cell, Results
-from bench._routing_setups import SETUPS
+from bench._routing_setups import SETUPS, TRIAL_SETUPS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 LATENCY_PLOT = "bench-routing-latency.png"
 THROUGHPUT_PLOT = "bench-routing-throughput.png"
 
-COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+COLORS = ("#4c72b0", "#dd8452", "#937860", "#55a868", "#c44e52", "#8172b3", "#da8bc3", "#8c8c8c")
 LOAD_AXIS = "offered load, % of measured fleet capacity"
 
 
@@ -27,7 +27,7 @@ def plots(out_dir: Path, cells: list[Cell]) -> list[str]:
     import matplotlib.pyplot as plt
 
     results = Results(cells)
-    colors = {s.key: c for s, c in zip(SETUPS, COLORS, strict=True)}
+    colors = {s.key: c for s, c in zip((*SETUPS, *TRIAL_SETUPS), COLORS, strict=True)}
     workloads = results.workloads
     rows = (("ttft_p50", "TTFT p50"), ("ttft_p90", "TTFT p90"), ("ttft_p99", "TTFT p99"))
     fig, axes = plt.subplots(len(rows), len(workloads), figsize=(6.5 * len(workloads), 4 * len(rows)), squeeze=False)

@@ -21,7 +21,7 @@ from bench._routing_results import (
     ratio,
     stats,
 )
-from bench._routing_setups import FLEET, LEAST_REQUEST, ROUND_ROBIN, SETUPS, SLOTS_DIVISOR, Setup
+from bench._routing_setups import FLEET, LEAST_REQUEST, ROUND_ROBIN, SETUPS, SLOTS_DIVISOR, TRIAL_SETUPS, Setup
 from bench._workload import SYSTEM_PROMPT_MAX, SYSTEM_PROMPT_MIN
 
 WORKLOAD_LABELS = {"sharegpt": "ShareGPT-like", "shared-prefix": "shared prefix"}
@@ -202,7 +202,7 @@ def _targets_table(results: Results, capacities: dict[str, Capacity]) -> list[st
         "| target | workload, load | setup | measured (seeds) | verdict | why (from this run's data) |",
         "|---|---|---|---:|---|---|",
     ]
-    labels = {s.key: s.label for s in SETUPS}
+    labels = {s.key: s.label for s in (*SETUPS, *TRIAL_SETUPS)}
     for target in TARGETS:
         for setup in SUBJECTS:
             value = target.measured(results, setup)

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bench._loadgen import Outcome, Run, Saturation
-from bench._routing_setups import LEAST_REQUEST, ROUND_ROBIN, SETUPS, ReplicaCounters, Setup
+from bench._routing_setups import LEAST_REQUEST, ROUND_ROBIN, SETUPS, TRIAL_SETUPS, ReplicaCounters, Setup
 
 INF = math.inf
 SUBJECTS = ("picker", "fast")  # the setups the targets are about
@@ -160,7 +160,7 @@ class Results:
         self.stats = {key: stats(c) for key, c in self.cells.items()}
         self.loads = sorted({c.load for c in cells})
         self.workloads = list(dict.fromkeys(c.workload for c in cells))
-        self.setups = [s for s in SETUPS if any(c.setup == s for c in cells)]
+        self.setups = [s for s in (*SETUPS, *TRIAL_SETUPS) if any(c.setup == s for c in cells)]
 
     def get(self, setup: str, workload: str, load: float) -> Stats | None:
         return self.stats.get((setup, workload, load))

@@ -182,19 +182,54 @@ class Setup:
     label: str
     routing_mode: str | None = None  # the mesh's, for the mesh's setups
     lb_policy: str | None = None  # Envoy's, for the static ones
+    scheduling: str | None = None  # a profile of PROFILES for the picker; None: the default profile
 
+
+# Scheduler profiles (the spec's `scheduling:`) a picker setup may run besides the default one.
+_DEFAULT_SCORERS = [
+    {"type": "queue", "weight": 2},
+    {"type": "kv-cache", "weight": 2},
+    {"type": "inflight", "weight": 1},
+    {"type": "latency", "weight": 2},
+    {"type": "running", "weight": 1},
+    {"type": "lora-affinity", "weight": 2},
+]
+PROFILES: dict[str, dict] = {
+    # The default scorers plus the prompt-aware ones: prefix-affinity (stick to the replica that holds the
+    # prompt's prefix) and ttft (queued prefill against the uncached prompt, in seconds).
+    "prefix-aware": {
+        "scorers": [*_DEFAULT_SCORERS, {"type": "prefix-affinity", "weight": 3}, {"type": "ttft", "weight": 3}]
+    },
+    "prefix-ttft": {"scorers": [{"type": "prefix-affinity", "weight": 2}, {"type": "ttft", "weight": 2}]},
+    "ttft-queue": {
+        "scorers": [
+            {"type": "queue", "weight": 2},
+            {"type": "inflight", "weight": 1},
+            {"type": "prefix-affinity", "weight": 2},
+            {"type": "ttft", "weight": 4},
+            {"type": "lora-affinity", "weight": 2},
+        ]
+    },
+}
 
 PICKER = Setup("picker", "mesh: picker (ext_proc)", routing_mode="picker")
+PICKER_PREFIX = Setup(
+    "picker_prefix", "mesh: picker, prefix-aware profile", routing_mode="picker", scheduling="prefix-aware"
+)
+PICKER_PT = Setup("picker_pt", "mesh: picker, prefix + ttft only", routing_mode="picker", scheduling="prefix-ttft")
+PICKER_TQ = Setup("picker_tq", "mesh: picker, ttft-led profile", routing_mode="picker", scheduling="ttft-queue")
 FAST = Setup("fast", "mesh: fast path (EDS weights)", routing_mode="fast")
 LEAST_REQUEST = Setup("least_request", "Envoy LEAST_REQUEST", lb_policy="LEAST_REQUEST")
 ROUND_ROBIN = Setup("round_robin", "Envoy ROUND_ROBIN", lb_policy="ROUND_ROBIN")
 RANDOM = Setup("random", "Envoy RANDOM", lb_policy="RANDOM")
-SETUPS = (LEAST_REQUEST, PICKER, FAST, ROUND_ROBIN, RANDOM)
+SETUPS = (LEAST_REQUEST, PICKER, PICKER_PREFIX, FAST, ROUND_ROBIN, RANDOM)
+# Run only when asked for by name (bench/routing.py's IMESH_BENCH_ROUTING): profiles under trial.
+TRIAL_SETUPS = (PICKER_PT, PICKER_TQ)
 
 
-def mesh_spec(fleet: Fleet, routing_mode: str) -> dict:
+def mesh_spec(fleet: Fleet, routing_mode: str, scheduling: str | None = None) -> dict:
     endpoints = [{"address": fleet.addresses[r.name], "pool": r.gpu} for r in FLEET]
-    return {
+    spec: dict = {
         "apiVersion": "imesh/v1",
         "kind": "Mesh",
         "pools": [{"name": gpu} for gpu in dict.fromkeys(r.gpu for r in FLEET)],
@@ -206,6 +241,9 @@ def mesh_spec(fleet: Fleet, routing_mode: str) -> dict:
             }
         ],
     }
+    if scheduling is not None:
+        spec["models"][0]["scheduling"] = PROFILES[scheduling]
+    return spec
 
 
 @dataclass
@@ -221,10 +259,12 @@ class Running:
             stop()
 
 
-def start_mesh(fleet: Fleet, routing_mode: str, workdir: Path) -> tuple[Running, LocalMesh]:
+def start_mesh(
+    fleet: Fleet, routing_mode: str, workdir: Path, scheduling: str | None = None
+) -> tuple[Running, LocalMesh]:
     spec = workdir / "mesh.yaml"
     spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(yaml.safe_dump(mesh_spec(fleet, routing_mode), sort_keys=False))
+    spec.write_text(yaml.safe_dump(mesh_spec(fleet, routing_mode, scheduling), sort_keys=False))
     mesh = LocalMesh(spec=spec, workdir=workdir, ports=MeshPorts.ephemeral())
     mesh.start()
     running = Running(mesh.url, {}, [mesh.stop])

@@ -56,6 +56,7 @@ from bench._routing_setups import (
     LEAST_REQUEST,
     MODEL,
     SETUPS,
+    TRIAL_SETUPS,
     Fleet,
     ReplicaCounters,
     Running,
@@ -70,7 +71,7 @@ TITLE = "Routing quality: the picker and the fast path against Envoy's balancers
 ORDER = 20
 
 QUICK = os.environ.get("IMESH_BENCH_QUICK") == "1"
-WORKLOADS = ("sharegpt", "shared-prefix")
+WORKLOADS: tuple[str, ...] = ("sharegpt", "shared-prefix")
 # Simulated time runs at this multiple of the profiles' (fleet/profiles.py), per workload: slow
 # enough that the simulated GPUs, not this machine's two cores, bound the fleet (the busy check).
 # A streamed token costs CPU here, a prompt token does not: the shared-prefix workload, mostly
@@ -85,6 +86,33 @@ GRACE_S = 5.0  # after the last arrival; what has not finished then is an error
 CAPACITY_SECONDS, CAPACITY_WARMUP_S = (6.0, 2.0) if QUICK else (12.0, 3.0)
 CAPACITY_CLIENTS = 2 * sum(r.profile().max_num_seqs for r in FLEET)
 CAPACITY_SEED = 0
+RUN_SETUPS: tuple[Setup, ...] = SETUPS
+
+
+def _subset(text: str) -> None:
+    """A part of the run, for development: ``IMESH_BENCH_ROUTING="workloads=shared-prefix;
+    setups=picker,picker_prefix;loads=0.9;seeds=1,2;requests=200"`` (every key optional; Envoy
+    LEAST_REQUEST always runs first: it measures the capacity)."""
+    global WORKLOADS, LOADS, SEEDS, REQUESTS, RUN_SETUPS
+    known = {s.key: s for s in (*SETUPS, *TRIAL_SETUPS)}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, _, value = item.partition("=")
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if key == "workloads":
+            WORKLOADS = tuple(values)
+        elif key == "loads":
+            LOADS = tuple(float(v) for v in values)
+        elif key == "seeds":
+            SEEDS = tuple(int(v) for v in values)
+        elif key == "requests":
+            REQUESTS = int(values[0])
+        elif key == "setups":
+            RUN_SETUPS = (LEAST_REQUEST, *(known[v] for v in values if v != LEAST_REQUEST.key))
+        else:
+            raise SystemExit(f"IMESH_BENCH_ROUTING: unknown key {key!r}")
+
+
+_subset(os.environ.get("IMESH_BENCH_ROUTING", ""))
 
 
 def workload(name: str, seed: int, count: int) -> list[Request]:
@@ -181,7 +209,7 @@ def _delta(before: ReplicaCounters, after: ReplicaCounters) -> ReplicaCounters:
 
 def _start(setup: Setup, fleet: Fleet, base: dict, workdir: Path) -> Running:
     if setup.routing_mode is not None:
-        running, _ = start_mesh(fleet, setup.routing_mode, workdir)
+        running, _ = start_mesh(fleet, setup.routing_mode, workdir, setup.scheduling)
         time.sleep(1.0)  # a few load reports: the picker's readings, the fast path's first EDS weights
         return running
     assert setup.lb_policy is not None
@@ -259,7 +287,7 @@ def measure(workdir: Path, quiet: Quiet) -> tuple[list[Cell], dict[str, Capacity
     try:
         base = _fast_path_base(fleet, workdir)
         for name in WORKLOADS:
-            for setup in (LEAST_REQUEST, *(s for s in SETUPS if s != LEAST_REQUEST)):
+            for setup in (LEAST_REQUEST, *(s for s in RUN_SETUPS if s != LEAST_REQUEST)):
                 got, capacities[name] = _measure_setup(fleet, setup, base, workdir, name, capacities.get(name), quiet)
                 cells += got
     finally:
