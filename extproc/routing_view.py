@@ -322,7 +322,7 @@ class Reading:
     ``prefill_tokens_per_s``, ``prefill_tokens_mean`` and ``decode_step_s`` are what a
     time-to-first-token estimate needs (the ``ttft`` scorer); 0 = not measured. ``adapters``: the
     LoRA adapters active there (running or waiting requests); ``max_adapters``: how many distinct
-    ones a batch may hold (0 = unknown)."""
+    ones a batch may hold (0 = unknown); ``slots``: the batch slots, max_num_seqs (0 = unknown)."""
 
     __slots__ = (
         "address",
@@ -338,6 +338,7 @@ class Reading:
         "decode_step_s",
         "adapters",
         "max_adapters",
+        "slots",
     )
 
     def __init__(
@@ -355,6 +356,7 @@ class Reading:
         decode_step_s: float = 0.0,
         adapters: tuple[str, ...] = (),
         max_adapters: int = 0,
+        slots: float = 0.0,
     ):
         self.address = address
         self.waiting = waiting
@@ -369,6 +371,7 @@ class Reading:
         self.decode_step_s = decode_step_s  # time per output token: one engine step at the running batch
         self.adapters = adapters
         self.max_adapters = max_adapters
+        self.slots = slots  # batch slots (max_num_seqs); 0 = unknown
 
     def age(self, now: float) -> float:
         return now - self.scraped_at
@@ -410,6 +413,7 @@ class LoadView:
                 e.decode_step_s,
                 tuple(e.adapters),
                 e.max_adapters,
+                e.slots,
             )
         return cls(report.sequence, received_at, readings)
 

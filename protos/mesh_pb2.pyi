@@ -146,7 +146,7 @@ class RoutingTable(_message.Message):
     def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., priorities: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_priority: _Optional[str] = ..., scoring: _Optional[_Union[Scoring, _Mapping]] = ..., max_body_bytes: _Optional[int] = ..., version_header: _Optional[str] = ..., scheduling: _Optional[_Union[SchedulingProfile, _Mapping]] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
-    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "age_s", "reachable", "latency_s", "prefill_tokens_per_s", "prefill_tokens_mean", "decode_step_s", "adapters", "max_adapters", "not_ready", "ejected")
+    __slots__ = ("address", "waiting", "running", "kv_cache", "gpu_util", "age_s", "reachable", "latency_s", "prefill_tokens_per_s", "prefill_tokens_mean", "decode_step_s", "adapters", "max_adapters", "not_ready", "ejected", "slots")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class EndpointLoad(_message.Message):
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     NOT_READY_FIELD_NUMBER: _ClassVar[int]
     EJECTED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     address: str
     waiting: float
     running: float
@@ -177,7 +178,8 @@ class EndpointLoad(_message.Message):
     max_adapters: int
     not_ready: bool
     ejected: bool
-    def __init__(self, address: _Optional[str] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache: _Optional[float] = ..., gpu_util: _Optional[float] = ..., age_s: _Optional[float] = ..., reachable: _Optional[bool] = ..., latency_s: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_tokens_mean: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ..., max_adapters: _Optional[int] = ..., not_ready: _Optional[bool] = ..., ejected: _Optional[bool] = ...) -> None: ...
+    slots: float
+    def __init__(self, address: _Optional[str] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_cache: _Optional[float] = ..., gpu_util: _Optional[float] = ..., age_s: _Optional[float] = ..., reachable: _Optional[bool] = ..., latency_s: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_tokens_mean: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ..., max_adapters: _Optional[int] = ..., not_ready: _Optional[bool] = ..., ejected: _Optional[bool] = ..., slots: _Optional[float] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("sequence", "endpoints")

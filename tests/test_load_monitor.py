@@ -652,3 +652,24 @@ async def test_the_report_carries_the_ttft_signals(replicas) -> None:
         # Quiet windows after it keep the rate: it is the replica's speed, not its traffic.
         later = await monitor.wait_for_report(report.sequence + 3, timeout=WAIT_S)
         assert _by_address(later)[a.address].prefill_tokens_per_s == 4000.0
+
+
+SLOTS_PAGE = """\
+# TYPE vllm:num_requests_max gauge
+vllm:num_requests_max{model_name="chat"} 8.0
+vllm:num_requests_max{model_name="chat-lora"} 8.0
+"""
+
+
+def test_vllm_batch_slots_are_read_once_per_engine_not_summed_over_its_models() -> None:
+    # The simulated fleet exports its max_num_seqs once per model name it serves on one engine.
+    assert parse_engine_load(SLOTS_PAGE, "vllm").slots == 8.0
+    assert parse_engine_load(VLLM_V1, "vllm").slots == 0.0  # not exported: unknown
+
+
+async def test_the_report_carries_the_batch_slots(replicas) -> None:
+    a = await replicas()
+    a.extra = SLOTS_PAGE
+    async with LoadMonitor([ScrapeTarget(a.address, "vllm")], interval_s=INTERVAL, timeout_s=TIMEOUT) as monitor:
+        report = await _until(monitor, lambda e: a.address in e and e[a.address].slots > 0, WAIT_S)
+        assert _by_address(report)[a.address].slots == 8.0

@@ -29,7 +29,7 @@ from extproc.scheduler.profile import default_profile
 from extproc.scheduler.results import Pick
 from extproc.scheduler.scorers import NEUTRAL
 from extproc.scheduler.scorers.gpu import GpuUtilScorer
-from extproc.scheduler.scorers.ttft import TTFTScorer
+from extproc.scheduler.scorers.ttft import TTFTScorer, slot_wait
 from protos import mesh_pb2
 
 NOW = 1000.0
@@ -174,6 +174,33 @@ def test_the_request_term_is_rank_neutral_for_a_typical_request_and_bounded():
     assert term(SchedulingRequest(tokens=1000)) == {}  # is the typical request
     short = term(SchedulingRequest(tokens=100))
     assert set(short) == {SLOW} and 0.0 < short[SLOW] <= 1.0
+
+
+def test_slot_wait_counts_the_queue_relative_to_the_slots_and_the_time_per_request():
+    assert slot_wait(3, 8, 0, 1.0) == (0.0, 0.0)  # slots unknown: no term
+    assert slot_wait(3, 8, 8, 0.0) == (0.0, 0.0)  # no latency measured yet
+    assert slot_wait(0, 6, 8, 0.8) == (0.0, 0.1)  # a free slot: no wait, each more request 0.8/8
+    # Two queued on 2 busy slots: 3 requests to finish before a slot, one every 2 s / 2.
+    assert slot_wait(2, 2, 2, 2.0) == (3.0, 1.0)
+    # The same two queued on 8 busy slots that take 0.5 s: a slot every 1/16 s.
+    assert slot_wait(2, 8, 8, 0.5) == (pytest.approx(3 / 16), 1 / 16)
+
+
+def test_a_full_small_batch_loses_to_a_fast_replica_with_a_queue_once_slots_are_known():
+    # One prefill speed; the big replica has a request queued on its 8 full slots, the small one
+    # none on its 2 full slots, but a request takes it 2 s against 0.5 s. Without the slots the
+    # small replica's empty queue wins (0.14 s against 0.24 s); with them the big one does (a slot
+    # there in 2/16 s, on the small one in 1 s).
+    same = dict(prefill_tokens_per_s=5000.0, prefill_tokens_mean=500.0, decode_step_s=0.04)
+    big = dict(same, running=8.0, latency_s=0.5)
+    small = dict(same, running=2.0, latency_s=2.0)
+    assert pick(load({FAST: 1, SLOW: 0}, {FAST: big, SLOW: small})) == SLOW
+    known = {FAST: dict(big, slots=8.0), SLOW: dict(small, slots=2.0)}
+    lv = load({FAST: 1, SLOW: 0}, known)
+    assert pick(lv) == FAST
+    ctx, cs = candidates(lv)
+    (big_scale, _), (small_scale, _) = TTFTScorer(1.0).inflight(ctx, cs)
+    assert big_scale > small_scale  # a request sent to the small replica costs it more
 
 
 # ----------------------------------------------------------------------------- gpu-util

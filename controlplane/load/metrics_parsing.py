@@ -47,6 +47,9 @@ class EngineLoad:
     # ones first; and how many distinct adapters a batch may hold (0 = the engine does not say).
     adapters: tuple[str, ...] = ()
     max_adapters: int = 0
+    # Batch slots (max_num_seqs): how many requests run at once, what turns a queue into a wait.
+    # 0 = the engine does not say.
+    slots: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,7 @@ class _EngineNames:
 
     waiting: tuple[str, ...] = ()
     running: tuple[str, ...] = ()
+    slots: tuple[str, ...] = ()  # gauge of the batch slots (max_num_seqs)
     kv_cache: tuple[str, ...] = ()
     gpu_util: tuple[str, ...] = ()  # engine-native, already 0..1
     latency: str = ""  # histogram family of end-to-end request latency in seconds
@@ -80,13 +84,14 @@ class _EngineNames:
             for suffix in ("_sum", "_count")
         )
         lora = (self.lora_info,) if self.lora_info else ()
-        return self.waiting + self.running + self.kv_cache + self.gpu_util + latency + histograms + lora
+        return self.waiting + self.running + self.slots + self.kv_cache + self.gpu_util + latency + histograms + lora
 
 
 _NAMES: dict[str, _EngineNames] = {
     "vllm": _EngineNames(
         waiting=("vllm:num_requests_waiting",),
         running=("vllm:num_requests_running",),
+        slots=("vllm:num_requests_max",),
         kv_cache=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         latency="vllm:e2e_request_latency_seconds",
         # Tokens actually computed (prefix-cache hits excluded, newer releases) before all prompt
@@ -227,6 +232,11 @@ def _sum(series: list[float] | None) -> float:
     return max(0.0, sum(series)) if series else 0.0
 
 
+def _largest(series: list[float] | None) -> float:
+    """The largest sample, 0 for none: an engine's slots, labelled once per model it serves."""
+    return max(series) if series else 0.0
+
+
 def _mean(series: list[float] | None) -> float | None:
     # Fractions are averaged, not summed: several series of a fraction are several engines or GPUs
     # (data-parallel ranks, multi-GPU hosts), and their sum would exceed 1.
@@ -319,6 +329,7 @@ def load_from_values(values: dict[str, list[float]], engine: str, labelled: Labe
         decode_step_count=decode_step_count,
         adapters=adapters,
         max_adapters=max_adapters,
+        slots=_largest(_first(values, names.slots)),
     )
 
 

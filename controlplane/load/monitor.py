@@ -317,6 +317,7 @@ class LoadMonitor:
                     max_adapters=load.max_adapters,
                     not_ready=not state.ready,
                     ejected=now < state.ejected_until,
+                    slots=load.slots,
                 )
             )
         return mesh_pb2.LoadReport(sequence=self._latest.sequence, endpoints=endpoints)

@@ -4,7 +4,7 @@ One unit weighs what the other scorers weigh with hand-tuned weights (queue agai
 overlap against load)::
 
     estimate = (queued prefill tokens + this request's uncached prompt tokens) / prefill rate
-               + one decode step
+               + the wait for a batch slot + one decode step
 
 * **prefill rate**: prompt tokens computed per second of prefill, measured per replica from its
   prefill histograms between scrapes (``Reading.prefill_tokens_per_s``);
@@ -15,6 +15,11 @@ overlap against load)::
   replica probably caches of it (``overlap``: the profile's prefix-affinity index, when the profile
   has one; else 0). With
   no request to read, a typical one: the mean prompt of the version's replicas;
+* **the wait for a batch slot** (``slot_wait``): when the requests there (waiting + running + in
+  flight) fill its slots (``Reading.slots``, vLLM's ``max_num_seqs``), one slot frees every
+  ``latency_s / slots`` (``Reading.latency_s``, the recent mean request time): the queue relative to
+  what the replica runs at once and how fast, not its absolute length. 0 when the replica does not
+  export its slots;
 * **one decode step** (``Reading.decode_step_s``, the time per output token): the step that
   prefills the request also decodes the running batch, which a bigger batch makes longer. The
   batch's remaining tokens do not delay the first token (continuous batching admits between
@@ -27,7 +32,8 @@ Two halves, by what they depend on (docs/scheduler.md):
 
 * ``inflight`` (per plan): the estimate for a typical request, in the in-flight shape: with ``n``
   requests sent since the reading, ``T*/(T + n x)`` (x: one typical request's prefill there) is
-  ``scale / (scale + base + n)`` with ``scale = T*/x`` and ``base = (T - T*)/x``;
+  ``scale / (scale + base + n)`` with ``scale = T*/x`` and ``base = (T - T*)/x`` (x also holds the
+  request's share of a slot, ``latency_s / slots``);
 * ``request`` (per request, when the request says how long its prompt is or what is cached where):
   the change from the typical request's score to this request's, at no requests in flight. Within
   a version a constant changes no ranking, so the changes are shifted to be >= 0 (sparse: the
@@ -50,8 +56,23 @@ MIN_UNCACHED_TOKENS = 1.0
 class _Estimate(NamedTuple):
     """One measured candidate's estimate, less this request's own prefill."""
 
-    wait_s: float  # the queued prefill ahead of it, and one decode step
+    wait_s: float  # the queued prefill ahead of it, the wait for a batch slot, and one decode step
     s_per_token: float  # 1 / prefill rate
+    slot_s: float  # what one more request adds to the wait for a slot: latency / slots (0: unknown)
+
+
+def slot_wait(waiting: float, running: float, slots: float, latency_s: float) -> tuple[float, float]:
+    """(seconds until a batch slot frees for one more request, seconds each further request adds).
+
+    A replica finishes about ``slots`` requests per ``latency_s`` with its batch full, so a slot frees
+    every ``latency_s / slots``; a request waits for one when the work there (waiting + running)
+    already fills the slots. Absolute counts miss this: two queued requests on a replica with two
+    slots are a whole request's time, on one with eight a quarter of one. (0, 0) when the replica
+    does not say its slots or no latency is measured yet."""
+    if slots <= 0.0 or latency_s <= 0.0:
+        return 0.0, 0.0
+    per_slot_s = latency_s / slots
+    return max(0.0, waiting + running + 1.0 - slots) * per_slot_s, per_slot_s
 
 
 class _Version:
@@ -73,7 +94,9 @@ class _Version:
                 continue
             s_per_token = 1.0 / r.prefill_tokens_per_s
             queued = c.waiting * (r.prefill_tokens_mean if r.prefill_tokens_mean > 0.0 else self.typical_tokens)
-            estimates.append(_Estimate(queued * s_per_token + max(0.0, r.decode_step_s), s_per_token))
+            slot_s, per_slot_s = slot_wait(c.waiting, max(0.0, r.running), r.slots, r.latency_s)
+            wait_s = queued * s_per_token + slot_s + max(0.0, r.decode_step_s)
+            estimates.append(_Estimate(wait_s, s_per_token, per_slot_s))
         self.estimates = estimates
         typical = [self.typical_s(e) for e in estimates if e is not None]
         self.fastest_s = min(typical) if typical else 0.0  # 0: nothing measured
@@ -108,7 +131,8 @@ class TTFTScorer:
             if e is None:
                 pairs.append(neutral)
                 continue
-            per_request_s = version.typical_tokens * e.s_per_token  # what one more request adds
+            # What one more request adds: its prefill, and its share of a batch slot.
+            per_request_s = version.typical_tokens * e.s_per_token + e.slot_s
             pairs.append((fastest / per_request_s, (version.typical_s(e) - fastest) / per_request_s))
         return pairs
 
