@@ -12,7 +12,7 @@ import time
 import httpx
 import yaml
 
-from controlplane.load.fast_path import MIN_WEIGHT, LoadWeights, endpoint_weight
+from controlplane.load.fast_path import MIN_WEIGHT, LoadWeights, endpoint_weight, relative_capacities
 from controlplane.spec.schema import ScoringSpec, parse_spec
 from protos import mesh_pb2
 from tests.harness import Replica, chat, make_mesh, send_many
@@ -118,6 +118,42 @@ def test_weight_follows_load():
     down = endpoint_weight(mesh_pb2.EndpointLoad(reachable=False, age_s=float("inf")), scoring)
     assert idle > busy > full == MIN_WEIGHT
     assert stale == 50 and down == MIN_WEIGHT and endpoint_weight(None, scoring) == 50
+
+
+def _sized(waiting: float, slots: float, step_s: float, **more) -> mesh_pb2.EndpointLoad:
+    return mesh_pb2.EndpointLoad(
+        waiting=waiting, kv_cache=0.1, age_s=0.05, reachable=True, slots=slots, decode_step_s=step_s, **more
+    )
+
+
+def test_weights_start_from_each_replica_capacity_within_its_version():
+    # e1: 8 slots at 10 ms a step (800 requests advanced a second), e2: 2 slots at 40 ms (50).
+    report = mesh_pb2.LoadReport(
+        endpoints=[
+            _sized(0, 8, 0.01, address="10.0.0.1:1"),
+            _sized(0, 2, 0.04, address="10.0.0.2:1"),
+            _sized(0, 1, 0.1, address="10.0.0.3:1"),  # model b, on the picker: not weighted
+        ]
+    )
+    weights = LoadWeights().compute(SPEC, report)
+    # Both idle (headroom 0.95 at 10% KV): the fast one 95, the slow one 95 x 50/800 = 6 -> 5.
+    assert weights == {"10.0.0.1:1": 95, "10.0.0.2:1": 5}
+    # Its queue discounts the fast one (headroom (2 x 5/8 + 2 x 0.9)/4 = 0.76) but capacity still rules.
+    report.endpoints[0].waiting = 3
+    assert LoadWeights().compute(SPEC, report) == {"10.0.0.1:1": 75, "10.0.0.2:1": 5}
+
+
+def test_without_known_capacities_weights_are_the_load_alone():
+    assert relative_capacities({"a": None, "b": _sized(0, 0, 0.01)}) == {"a": 1.0, "b": 1.0}
+    # One unknown among known ones counts as their median, not as the fastest nor as nothing.
+    loads = {"a": _sized(0, 8, 0.01), "b": _sized(0, 4, 0.01), "c": _sized(0, 2, 0.01), "d": None}
+    assert relative_capacities(loads) == {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.5}
+    # A stale reading's capacity is not compared: the compiled weights treat it as unknown (neutral 50).
+    report = mesh_pb2.LoadReport(
+        endpoints=[_sized(0, 8, 0.01, address="10.0.0.1:1"), _sized(0, 2, 0.04, address="10.0.0.2:1")]
+    )
+    report.endpoints[0].age_s = 60
+    assert LoadWeights().compute(SPEC, report) == {"10.0.0.1:1": 50, "10.0.0.2:1": 95}
 
 
 def test_hysteresis_holds_small_changes_and_rate_limits():

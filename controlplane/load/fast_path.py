@@ -5,11 +5,20 @@ ext_proc: the override_host policy finds no pick in the metadata and falls back 
 which honours each host's ``load_balancing_weight``. This module turns the load monitor's readings
 into those weights, and decides when they have changed enough to be worth an EDS push.
 
-The weight of a replica is the picker's static score on a 1..100 scale:
+The weight of a replica is its capacity relative to its version's fastest replica, discounted by
+its load, on a 1..100 scale:
 
-    score = (queue_weight * S / (S + waiting) + kv_cache_weight * (1 - kv_cache)) / (queue_weight + kv_cache_weight)
+    weight = 100 x capacity / the version's largest capacity x headroom
+    capacity = slots / decode step    (requests the replica advances per second with a full batch)
+    headroom = (queue_weight * S / (S + waiting) + kv_cache_weight * (1 - kv_cache)) / (queue_weight + kv_cache_weight)
 
-with S = ``scoring.saturation_queue``. A saturated replica (queue >= S or KV >= saturation_kv)
+with S = ``scoring.saturation_queue``. Capacity is what makes an idle slow replica weigh less than
+an idle fast one: with equal weights Envoy's least-request gives a replica with a quarter of the
+slots and a third of the speed as many requests as a fast one until its queue shows. The slots are
+vLLM's ``max_num_seqs`` (``EndpointLoad.slots``), the step the recent time per output token
+(``decode_step_s``). A replica whose capacity is not known yet (no slots exported, no request
+finished) counts as the version's median known capacity; when none is known, capacity is left out
+(every replica 100 x headroom). A saturated replica (queue >= S or KV >= saturation_kv)
 gets 1, the least Envoy accepts; an unreachable one gets 1 too (outlier detection does the rest).
 A replica with no reading, or a stale one, gets the neutral 50: missing data is neither good nor
 bad news, as in the picker.
@@ -42,8 +51,36 @@ def fast_path_addresses(spec: MeshSpec) -> list[str]:
     return [e.address for m in spec.models if routing_mode(spec, m) == "fast" for v in m.versions for e in v.endpoints]
 
 
-def endpoint_weight(load: mesh_pb2.EndpointLoad | None, scoring: ScoringSpec, step: int = 5) -> int:
-    """One replica's weight, 1..100 (see the module docstring)."""
+def fast_path_versions(spec: MeshSpec) -> list[list[str]]:
+    """The fast path's endpoints by model version: capacities are compared within a version (one
+    Envoy cluster), whose replicas serve the same model."""
+    return [[e.address for e in v.endpoints] for m in spec.models if routing_mode(spec, m) == "fast" for v in m.versions]
+
+
+def capacity(load: mesh_pb2.EndpointLoad | None) -> float | None:
+    """Requests a replica advances per second with its batch full (slots / decode step); None when
+    it does not say its slots or has finished no request yet."""
+    if load is None or load.slots <= 0 or load.decode_step_s <= 0:
+        return None
+    return load.slots / load.decode_step_s
+
+
+def relative_capacities(loads: Mapping[str, mesh_pb2.EndpointLoad | None]) -> dict[str, float]:
+    """Each replica's capacity over the largest of the group, 0..1 (see the module docstring)."""
+    known = {a: c for a, c in ((a, capacity(load)) for a, load in loads.items()) if c is not None}
+    if not known:
+        return dict.fromkeys(loads, 1.0)
+    ordered = sorted(known.values())
+    median = ordered[len(ordered) // 2]
+    top = ordered[-1]
+    return {a: known.get(a, median) / top for a in loads}
+
+
+def endpoint_weight(
+    load: mesh_pb2.EndpointLoad | None, scoring: ScoringSpec, step: int = 5, relative_capacity: float = 1.0
+) -> int:
+    """One replica's weight, 1..100 (see the module docstring); ``relative_capacity``: its capacity
+    over its version's largest (``relative_capacities``)."""
     if load is None or (load.reachable and not (math.isfinite(load.age_s) and load.age_s <= scoring.stale_after_s)):
         return NEUTRAL_WEIGHT  # no reading yet, or a stale one
     if not load.reachable:
@@ -57,8 +94,16 @@ def endpoint_weight(load: mesh_pb2.EndpointLoad | None, scoring: ScoringSpec, st
     if total <= 0:
         return NEUTRAL_WEIGHT
     score = (scoring.queue_weight * s / (s + waiting) + scoring.kv_cache_weight * (1.0 - kv)) / total
+    score *= min(1.0, max(0.0, relative_capacity))
     weight = int(round(score * MAX_WEIGHT / step)) * step
     return max(MIN_WEIGHT + 1, min(MAX_WEIGHT, weight))  # 1 is kept for "saturated"
+
+
+def _usable(load: mesh_pb2.EndpointLoad | None, scoring: ScoringSpec) -> mesh_pb2.EndpointLoad | None:
+    """The reading if it is fresh and reachable: a stale or down replica's capacity is not compared."""
+    if load is None or not load.reachable or not (math.isfinite(load.age_s) and load.age_s <= scoring.stale_after_s):
+        return None
+    return load
 
 
 class LoadWeights:
@@ -76,15 +121,21 @@ class LoadWeights:
         self.pushes = 0
         self._last_push = -math.inf
         self._spec: MeshSpec | None = None
-        self._addresses: list[str] = []
+        self._versions: list[list[str]] = []
 
     def compute(self, spec: MeshSpec, report: mesh_pb2.LoadReport) -> dict[str, int]:
         if spec is not self._spec:  # specs are immutable: the fast-path endpoints change with the spec only
-            self._spec, self._addresses = spec, fast_path_addresses(spec)
-        if not self._addresses:
+            self._spec, self._versions = spec, fast_path_versions(spec)
+        if not self._versions:
             return {}
         readings = {e.address: e for e in report.endpoints}
-        return {a: endpoint_weight(readings.get(a), spec.scoring, self.step) for a in self._addresses}
+        out: dict[str, int] = {}
+        for addresses in self._versions:
+            loads = {a: _usable(readings.get(a), spec.scoring) for a in addresses}
+            relative = relative_capacities(loads)
+            for a in addresses:
+                out[a] = endpoint_weight(readings.get(a), spec.scoring, self.step, relative[a])
+        return out
 
     def update(self, spec: MeshSpec, report: mesh_pb2.LoadReport, now: float) -> dict[str, int] | None:
         wanted = self.compute(spec, report)
