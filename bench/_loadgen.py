@@ -122,6 +122,11 @@ def _headers(model: str) -> dict[str, str]:
     return {"content-type": "application/json", MODEL_ID_HEADER: model}
 
 
+def _named(headers: dict[str, str], request: Request) -> dict[str, str]:
+    """The request's own model header when it names one (a LoRA adapter), else the run's."""
+    return headers if request.model is None else _headers(request.model)
+
+
 async def open_loop(
     base_url: str, model: str, requests: Sequence[Request], offsets: Sequence[float], grace_s: float
 ) -> Run:
@@ -146,7 +151,9 @@ async def open_loop(
             if delay > 0:
                 await asyncio.sleep(delay)
             max_lag = max(max_lag, loop.time() - outcome.scheduled)
-            tasks.append(asyncio.create_task(_stream(session, url, headers, request, outcome, count_tokens)))
+            tasks.append(
+                asyncio.create_task(_stream(session, url, _named(headers, request), request, outcome, count_tokens))
+            )
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, window_end + grace_s - loop.time()))
         for task in pending:
             task.cancel()
@@ -204,7 +211,8 @@ async def closed_loop(
     async def client() -> None:
         while loop.time() < window_end:
             outcome = Outcome(scheduled=loop.time())
-            await _stream(session, url, headers, next(feed), outcome, count_tokens)
+            request = next(feed)
+            await _stream(session, url, _named(headers, request), request, outcome, count_tokens)
             if outcome.ok and outcome.finished is not None and window_start <= outcome.finished <= window_end:
                 result.requests += 1
                 name = outcome.replica or "?"

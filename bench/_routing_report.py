@@ -21,10 +21,22 @@ from bench._routing_results import (
     ratio,
     stats,
 )
-from bench._routing_setups import FLEET, LEAST_REQUEST, ROUND_ROBIN, SETUPS, SLOTS_DIVISOR, TRIAL_SETUPS, Setup
-from bench._workload import SYSTEM_PROMPT_MAX, SYSTEM_PROMPT_MIN
+from bench._routing_setups import (
+    ADAPTERS,
+    FLEET,
+    LEAST_REQUEST,
+    MAX_LORAS,
+    PICKER_PREFIX,
+    PROFILES,
+    ROUND_ROBIN,
+    SETUPS,
+    SLOTS_DIVISOR,
+    TRIAL_SETUPS,
+    Setup,
+)
+from bench._workload import LORA_SHARE, SYSTEM_PROMPT_MAX, SYSTEM_PROMPT_MIN, adapter_weights
 
-WORKLOAD_LABELS = {"sharegpt": "ShareGPT-like", "shared-prefix": "shared prefix"}
+WORKLOAD_LABELS = {"sharegpt": "ShareGPT-like", "shared-prefix": "shared prefix", "lora": "LoRA mix"}
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -112,6 +124,12 @@ def why(target: Target, results: Results, setup: str, capacities: dict[str, Capa
         parts.append(f"offered {offered:.0f} tok/s, delivered {s.tokens_per_s:.0f}")
         if target.baseline is not None and b is not None:
             parts.append(f"{target.baseline.label} {b.tokens_per_s:.0f}")
+            if b.tokens_per_s and offered / b.tokens_per_s < target.bound:
+                # Open loop: no setup delivers (much) more than is offered.
+                parts.append(
+                    f"the offered load itself is {offered / b.tokens_per_s:.2f}x {target.baseline.label}'s "
+                    f"output, so no router reaches {target.bound:g}x at this load"
+                )
     if target.workload == "shared-prefix":
         parts.append(f"prefix-cache hit rate {s.hit_rate:.0%}" + (f" vs {b.hit_rate:.0%}" if b is not None else ""))
     if s.errors:
@@ -149,7 +167,7 @@ def _errors(cell: Cell) -> str:
 # ----------------------------------------------------------------------------- tables
 
 
-def _cell_row(results: Results, setup: Setup, workload: str, load: float) -> str:
+def _cell_row(results: Results, setup: Setup, workload: str, load: float, lora: bool = False) -> str:
     s = results.get(setup.key, workload, load)
     if s is None:
         return ""
@@ -171,7 +189,8 @@ def _cell_row(results: Results, setup: Setup, workload: str, load: float) -> str
         f"| {load:.0%} | {setup.label} | {fmt_s(s.ttft_p50)} | {fmt_s(s.ttft_p90)} | {fmt_s(s.ttft_p99)}"
         f"{_spread(s.p99_by_seed)} | {vs('ttft_p90')} | {vs('ttft_p99')} | {fmt_s(s.e2e_p99)} "
         f"| {s.tokens_per_s:.0f} | {vs('tokens_per_s', True)} | {s.requests_per_s:.1f} | {s.errors} "
-        f"| {s.hit_rate:.0%} | {s.machine_cores:.1f}{CONTENDED_MARK if contended(s) else ''} |"
+        f"| {s.hit_rate:.0%} |{f' {100 * s.adapter_loads / s.requests:.1f} |' if lora else ''}"
+        f" {s.machine_cores:.1f}{CONTENDED_MARK if contended(s) else ''} |"
     )
 
 
@@ -184,14 +203,17 @@ def contended(s: Stats) -> bool:
 
 
 def _cells_table(results: Results, workload: str) -> list[str]:
+    lora = workload == "lora"
+    loads = " adapter loads per 100 requests |" if lora else ""
     out = [
         "| load | setup | TTFT p50 | TTFT p90 | TTFT p99 (seeds) | p90 vs LR / RR | p99 vs LR / RR | e2e p99 "
-        f"| output tok/s | vs LR / RR | req/s | errors | prefix hit | machine CPU, of {os.cpu_count()} cores |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| output tok/s | vs LR / RR | req/s | errors | prefix hit |{loads}"
+        f" machine CPU, of {os.cpu_count()} cores |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if lora else "") + "---:|",
     ]
     for load in results.loads:
         for setup in results.setups:
-            row = _cell_row(results, setup, workload, load)
+            row = _cell_row(results, setup, workload, load, lora)
             if row:
                 out.append(row)
     return out
@@ -334,8 +356,11 @@ def _setup_text(settings: Settings, capacities: dict[str, Capacity]) -> str:
             "- **Setups**: the mesh's picker (an ext_proc round per request); the mesh's fast path (Envoy on "
             "the control plane's load-aware EDS weights); Envoy LEAST_REQUEST, ROUND_ROBIN and RANDOM: the "
             "fast-path mesh's own listener, routes and cluster from its config dump, made static (no ext_proc, "
-            "no access logs, equal weights), the same Envoy binary, 1 worker. Every request names the model in "
-            "`x-model-id` (the fast path routes on it; the picker then needs no body).",
+            "no access logs, equal weights), the same Envoy binary, 1 worker. The picker runs twice: with the "
+            "default scheduler profile and with a prefix-aware one (the default scorers plus `prefix-affinity` "
+            f"and `ttft`, {_profile_text()}). Every request names the model, or its LoRA adapter, in `x-model-id` "
+            "(the fast path routes on it; the default profile then needs no body, the prefix-aware one reads "
+            "the prompt).",
             f"- **Capacity**, per workload: a closed loop of {settings.capacity_clients} clients through "
             f"LEAST_REQUEST, {settings.capacity_seconds:g} s after a warm-up ({capacity}). Loads are fractions "
             "of it, as open-loop Poisson arrivals; latencies count from the scheduled send time.",
@@ -346,7 +371,6 @@ def _setup_text(settings: Settings, capacities: dict[str, Capacity]) -> str:
             f"got no token counts as infinitely slow (∞: more than 1% failed); what has not finished "
             f"{settings.grace_s:g} s after the last arrival is cancelled and counted as an error. Output "
             "tokens/s and req/s are what arrived between 10% of the schedule and its last arrival.",
-            "- **Not measured**: a LoRA-adapter mix (the simulated fleet has no adapters yet).",
         ]
     )
 
@@ -357,6 +381,14 @@ def _workload_text(workload: str, settings: Settings) -> str:
         f"; mean prompt {prompt:.0f}, mean output {output:.0f} tokens; the fleet at `time_scale` "
         f"{settings.time_scales[workload]:g}"
     )
+    if workload == "lora":
+        return (
+            f"ShareGPT-like requests, {LORA_SHARE:.0%} of them for one of {len(ADAPTERS)} LoRA adapters of the "
+            f"model, Zipf-like popularity (1/i: the most popular {adapter_weights(len(ADAPTERS))[0]:.0%} of the "
+            f"adapter requests), the rest for the base model; every replica serves the {len(ADAPTERS)} adapters "
+            f"with `max_loras` {MAX_LORAS} (distinct adapters per batch and on the GPU; loading one costs the "
+            "profile's `adapter_load_s`, 0.25 s at `time_scale` 1)" + tail
+        )
     if workload == "sharegpt":
         return (
             "ShareGPT's published lengths (vLLM paper: mean prompt 161, mean output 338 tokens), log-normal, "
@@ -366,3 +398,9 @@ def _workload_text(workload: str, settings: Settings) -> str:
         f"{settings.tenants} tenants, each a {SYSTEM_PROMPT_MIN:,}-{SYSTEM_PROMPT_MAX:,}-token system prompt, "
         f"drawn uniformly; a short user turn per request; outputs as for ShareGPT" + tail
     )
+
+
+def _profile_text() -> str:
+    assert PICKER_PREFIX.scheduling is not None
+    scorers = PROFILES[PICKER_PREFIX.scheduling]["scorers"]
+    return "weights " + ", ".join(f"{s['type']} {s['weight']:g}" for s in scorers)

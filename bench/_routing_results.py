@@ -108,6 +108,7 @@ class Stats:
     tokens_by_seed: list[float]
     sent: dict[str, int]  # replica -> requests it answered (its header came back), finished or not
     machine_cores: float  # CPU cores busy machine-wide during the runs (every job on it), mean
+    adapter_loads: int = 0  # LoRA adapters the replicas loaded during the runs
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -140,6 +141,7 @@ def stats(cell: Cell) -> Stats:
         tokens_by_seed=[r.run.window_tokens / r.run.window_s if r.run.window_s else math.nan for r in cell.runs],
         sent=dict(sent),
         machine_cores=sum(r.cores.get("machine", math.nan) for r in cell.runs) / len(cell.runs),
+        adapter_loads=sum(c.adapter_loads for r in cell.runs for c in r.replicas.values()),
     )
 
 

@@ -36,6 +36,10 @@ from protos.wire import MODEL_ID_HEADER
 
 MODEL = "chat"
 CONTEXT_WINDOW = 8192
+# LoRA adapters of the model (the LoRA-mix workload's; the spec declares them in every run, the
+# fleet serves them only for that workload). Every replica's batch holds at most MAX_LORAS of them.
+ADAPTERS = tuple(f"{MODEL}-lora-{i}" for i in range(8))
+MAX_LORAS = 2
 
 
 # Every replica gets a quarter of its profile's batch slots: a run of a few hundred requests is
@@ -54,18 +58,21 @@ class ReplicaSpec:
     gpu: str  # a profile of fleet/profiles.py
     kv_capacity_tokens: int | None = None  # None: the profile's
 
-    def overrides(self) -> dict[str, int | bool]:
+    def overrides(self, lora: bool = False) -> dict[str, int | bool]:
         """The batch slots, the KV capacity, a prefix cache as large as the KV cache (in vLLM the
-        cached blocks live in the KV cache), so a replica with less memory also caches less, and
-        the engine's ``SCHEDULER`` switches."""
+        cached blocks live in the KV cache), so a replica with less memory also caches less, the
+        engine's ``SCHEDULER`` switches, and with ``lora`` the adapters a batch may hold."""
         profile = get_profile(self.gpu)
         kv = self.kv_capacity_tokens or profile.kv_capacity_tokens
-        return {
+        out = {
             "max_num_seqs": max(1, profile.max_num_seqs // SLOTS_DIVISOR),
             "kv_capacity_tokens": kv,
             "prefix_cache_blocks": kv // profile.block_size,
             **SCHEDULER,
         }
+        if lora:
+            out["max_loras"] = MAX_LORAS
+        return out
 
     def profile(self) -> GpuProfile:
         return get_profile(self.gpu).with_overrides(self.overrides())
@@ -89,6 +96,7 @@ class ReplicaCounters:
     served: int = 0
     busy_s: float = 0.0  # simulated step time spent (a GPU busy the whole run: busy_s == wall time)
     idle: bool = True
+    adapter_loads: int = 0  # LoRA adapters loaded onto the GPU (each costs the profile's adapter_load_s)
 
 
 _COUNTER = re.compile(r"^(vllm:prefix_cache_(?:queries|hits))_total\{[^}]*\} ([0-9.e+-]+)$", re.M)
@@ -105,22 +113,25 @@ class Fleet:
         self._http = httpx.Client(timeout=5)
         self._starts = 0
 
-    def _config(self, time_scale: float) -> dict:
+    def _config(self, time_scale: float, lora: bool) -> dict:
         replicas = [
             {
                 "name": r.name,
                 "address": self.addresses[r.name],
                 "models": [MODEL],
                 "gpu": r.gpu,
-                "overrides": r.overrides(),
+                **({"adapters": list(ADAPTERS)} if lora else {}),
+                "overrides": r.overrides(lora),
             }
             for r in FLEET
         ]
         return {"seed": 7, "time_scale": time_scale, "replicas": replicas}
 
-    def restart(self, time_scale: float) -> None:
+    def restart(self, time_scale: float, lora: bool = False) -> None:
+        """Fresh replicas; ``lora``: serving ADAPTERS (without, they export no LoRA metric, as vLLM
+        without --enable-lora, so the other workloads run as before)."""
         self.stop()
-        self.config.write_text(yaml.safe_dump(self._config(time_scale), sort_keys=False))
+        self.config.write_text(yaml.safe_dump(self._config(time_scale, lora), sort_keys=False))
         self._starts += 1
         argv = python_module("fleet", "--config", str(self.config), "--log-level", "WARNING")
         process = ManagedProcess("fleet", argv, self.workdir / "logs" / f"fleet-{self._starts}.log").start()
@@ -152,6 +163,7 @@ class Fleet:
                     c.prefix_hits += float(value)
             state = self._http.get(f"http://{address}/sim/state").json()
             c.served, c.busy_s = state["served"], state["busy_s"]
+            c.adapter_loads = state.get("lora", {}).get("loads", 0)
             c.idle = state["waiting"] == 0 and state["running"] == 0
             out[name] = c
         return out
@@ -237,7 +249,14 @@ def mesh_spec(fleet: Fleet, routing_mode: str, scheduling: str | None = None) ->
             {
                 "name": MODEL,
                 "routing_mode": routing_mode,
-                "versions": [{"name": "v1", "context_window": CONTEXT_WINDOW, "endpoints": endpoints}],
+                "versions": [
+                    {
+                        "name": "v1",
+                        "context_window": CONTEXT_WINDOW,
+                        "adapters": list(ADAPTERS),
+                        "endpoints": endpoints,
+                    }
+                ],
             }
         ],
     }

@@ -14,6 +14,10 @@ a seed gives the same requests and the same arrival times in every run.
 * ``shared_prefix``: a multi-tenant workload: ``tenants`` long system prompts (thousands of
   tokens each), every request one tenant's system prompt plus a short user turn, the tenant drawn
   uniformly; the replicas' prefix caches decide what the system prompts cost;
+* ``lora_mix``: ShareGPT-like requests, most of them for one of ``adapters`` LoRA adapters of the
+  model (named as the ``model``, as vLLM serves them), the adapter drawn with a Zipf-like
+  popularity (the i-th most popular with weight 1 / i^``zipf_s``), the rest for the base model;
+  a replica's batch holds few distinct adapters, so where each adapter's requests go matters;
 * ``poisson_offsets``: open-loop arrival times, exponential inter-arrival gaps at a given rate.
 
 Prompts are words of exactly ``WORD_CHARS`` letters: the simulated fleet's tokenizer makes one
@@ -42,6 +46,10 @@ SHAREGPT_SIGMA = 1.0
 PROMPT_MIN, PROMPT_MAX, TOTAL_MAX = 4, 1024, 2048
 OUTPUT_MIN, OUTPUT_MAX = 4, 1024  # the upper bound is ours
 
+# The LoRA mix: the share of requests naming an adapter, and the popularity's exponent.
+LORA_SHARE = 0.8
+LORA_ZIPF_S = 1.0
+
 # The shared-prefix workload.
 SYSTEM_PROMPT_MIN, SYSTEM_PROMPT_MAX = 2000, 4000
 USER_TURN_MEAN = 60
@@ -55,6 +63,7 @@ class Request:
     prompt_tokens: int  # as the fleet's tokenizer counts the rendered chat
     output_tokens: int  # max_tokens: the simulated replica generates exactly this many
     tenant: int | None = None  # shared-prefix workload: whose system prompt
+    model: str | None = None  # what x-model-id names when not the run's model: a LoRA adapter
 
 
 def _lognormal(rng: random.Random, mean: float, sigma: float) -> float:
@@ -67,7 +76,9 @@ def _words(rng: random.Random, count: int) -> str:
     return " ".join("".join(rng.choices(letters, k=WORD_CHARS)) for _ in range(count))
 
 
-def _request(model: str, messages: list[dict[str, str]], output_tokens: int, tenant: int | None) -> Request:
+def _request(
+    model: str, messages: list[dict[str, str]], output_tokens: int, tenant: int | None, named: str | None = None
+) -> Request:
     body = {
         "model": model,
         "messages": messages,
@@ -76,7 +87,7 @@ def _request(model: str, messages: list[dict[str, str]], output_tokens: int, ten
         "stream_options": {"include_usage": True},
     }
     prompt_tokens = sum(_message_tokens(m["role"], m["content"]) for m in messages) + _template_end()
-    return Request(json.dumps(body, separators=(",", ":")).encode(), prompt_tokens, output_tokens, tenant)
+    return Request(json.dumps(body, separators=(",", ":")).encode(), prompt_tokens, output_tokens, tenant, named)
 
 
 @functools.lru_cache(maxsize=256)  # a tenant's system prompt is counted once
@@ -132,6 +143,27 @@ def shared_prefix(seed: int, count: int, model: str, tenants: int, output_scale:
         _, output = sharegpt_lengths(rng)
         messages = [{"role": "system", "content": systems[tenant]}, {"role": "user", "content": _words(rng, user)}]
         out.append(_request(model, messages, scaled_output(output, output_scale), tenant))
+    return out
+
+
+def adapter_weights(adapters: int, zipf_s: float = LORA_ZIPF_S) -> list[float]:
+    """Each adapter's share of the adapter requests, most popular first (1 / i^s, normalised)."""
+    raw = [1.0 / (i + 1) ** zipf_s for i in range(adapters)]
+    return [w / sum(raw) for w in raw]
+
+
+def lora_mix(
+    seed: int, count: int, model: str, adapters: list[str], output_scale: float, share: float = LORA_SHARE
+) -> list[Request]:
+    """ShareGPT-like requests, ``share`` of them for an adapter of ``model`` (Zipf-like popularity)."""
+    rng = random.Random(f"lora/{seed}")
+    weights = adapter_weights(len(adapters))
+    out = []
+    for _ in range(count):
+        prompt, output = sharegpt_lengths(rng)
+        adapter = rng.choices(adapters, weights)[0] if rng.random() < share else None
+        messages = [{"role": "user", "content": _words(rng, prompt)}]
+        out.append(_request(adapter or model, messages, scaled_output(output, output_scale), None, adapter))
     return out
 
 

@@ -51,6 +51,7 @@ from bench._common import cpu_seconds, scratch_dir
 from bench._loadgen import closed_loop, open_loop
 from bench._routing_results import Capacity, Cell, Results, SeedRun, Settings
 from bench._routing_setups import (
+    ADAPTERS,
     FAST,
     FLEET,
     LEAST_REQUEST,
@@ -65,18 +66,18 @@ from bench._routing_setups import (
     start_mesh,
     start_static,
 )
-from bench._workload import Request, poisson_offsets, shared_prefix, sharegpt_like, tenant_prompts
+from bench._workload import Request, lora_mix, poisson_offsets, shared_prefix, sharegpt_like, tenant_prompts
 
 TITLE = "Routing quality: the picker and the fast path against Envoy's balancers"
 ORDER = 20
 
 QUICK = os.environ.get("IMESH_BENCH_QUICK") == "1"
-WORKLOADS: tuple[str, ...] = ("sharegpt", "shared-prefix")
+WORKLOADS: tuple[str, ...] = ("sharegpt", "shared-prefix", "lora")
 # Simulated time runs at this multiple of the profiles' (fleet/profiles.py), per workload: slow
 # enough that the simulated GPUs, not this machine's two cores, bound the fleet (the busy check).
 # A streamed token costs CPU here, a prompt token does not: the shared-prefix workload, mostly
 # prefill, runs its fleet faster still to fit the same number of requests into the time.
-TIME_SCALES = {"sharegpt": 0.4, "shared-prefix": 0.25}
+TIME_SCALES = {"sharegpt": 0.4, "shared-prefix": 0.25, "lora": 0.4}
 OUTPUT_SCALE = 8  # output lengths are ShareGPT's / 8, for the same reason
 TENANTS = 32
 LOADS = (0.9, 1.1) if QUICK else (0.5, 0.9, 1.1)
@@ -118,6 +119,8 @@ _subset(os.environ.get("IMESH_BENCH_ROUTING", ""))
 def workload(name: str, seed: int, count: int) -> list[Request]:
     if name == "sharegpt":
         return sharegpt_like(seed, count, MODEL, OUTPUT_SCALE)
+    if name == "lora":
+        return lora_mix(seed, count, MODEL, list(ADAPTERS), OUTPUT_SCALE)
     return shared_prefix(seed, count, MODEL, TENANTS, OUTPUT_SCALE)
 
 
@@ -201,6 +204,7 @@ def _delta(before: ReplicaCounters, after: ReplicaCounters) -> ReplicaCounters:
         served=after.served - before.served,
         busy_s=after.busy_s - before.busy_s,
         idle=after.idle,
+        adapter_loads=after.adapter_loads - before.adapter_loads,
     )
 
 
@@ -262,7 +266,7 @@ def _measure_setup(
 ) -> tuple[list[Cell], Capacity]:
     """One setup on one workload, on a freshly started fleet: every load, every seed. Envoy
     LEAST_REQUEST measures the fleet's capacity first; the others get it."""
-    fleet.restart(TIME_SCALES[name])
+    fleet.restart(TIME_SCALES[name], lora=name == "lora")
     running = _start(setup, fleet, base, workdir / f"{setup.key}-{name}")
     cells = []
     try:

@@ -22,6 +22,8 @@ from bench._workload import (
     PROMPT_MAX,
     PROMPT_MIN,
     SYSTEM_PROMPT_MIN,
+    adapter_weights,
+    lora_mix,
     poisson_offsets,
     shared_prefix,
     sharegpt_lengths,
@@ -87,6 +89,28 @@ def test_shared_prefix_requests_of_a_tenant_share_their_leading_blocks():
     first, second = (blocks[:2] for blocks in list(by_tenant.values())[:2])
     assert common(*first) >= SYSTEM_PROMPT_MIN // 16 - 1  # the whole system prompt, nearly
     assert common(first[0], second[0]) == 0  # another tenant's prompt shares nothing
+
+
+def test_the_lora_mix_is_seeded_names_its_adapter_in_body_and_header_and_follows_the_popularity():
+    adapters = [f"lora-{i}" for i in range(8)]
+    requests = lora_mix(seed=1, count=4000, model=MODEL, adapters=adapters, output_scale=8)
+    assert requests == lora_mix(seed=1, count=4000, model=MODEL, adapters=adapters, output_scale=8)
+    counts = {a: 0 for a in adapters}
+    base = 0
+    for r in requests:
+        body = json.loads(r.body)
+        if r.model is None:  # a base-model request: the run's model in the header
+            assert body["model"] == MODEL
+            base += 1
+        else:  # an adapter, named as the model (vLLM) and in x-model-id (the fast path's route)
+            assert body["model"] == r.model
+            counts[r.model] += 1
+    assert abs(base / len(requests) - 0.2) < 0.03
+    weights = adapter_weights(len(adapters))
+    assert weights[0] == max(weights) and abs(sum(weights) - 1) < 1e-9
+    shares = [counts[a] / sum(counts.values()) for a in adapters]
+    assert all(abs(share - w) < 0.03 for share, w in zip(shares, weights, strict=True))
+    assert shares[0] > 2 * shares[3]  # Zipf-like: the head is much hotter than the tail
 
 
 def test_percentiles_count_a_failed_request_as_infinitely_slow():

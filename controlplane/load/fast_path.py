@@ -54,7 +54,9 @@ def fast_path_addresses(spec: MeshSpec) -> list[str]:
 def fast_path_versions(spec: MeshSpec) -> list[list[str]]:
     """The fast path's endpoints by model version: capacities are compared within a version (one
     Envoy cluster), whose replicas serve the same model."""
-    return [[e.address for e in v.endpoints] for m in spec.models if routing_mode(spec, m) == "fast" for v in m.versions]
+    return [
+        [e.address for e in v.endpoints] for m in spec.models if routing_mode(spec, m) == "fast" for v in m.versions
+    ]
 
 
 def capacity(load: mesh_pb2.EndpointLoad | None) -> float | None:
