@@ -51,6 +51,7 @@ class Outcome:
     tokens: int = 0
     replica: str | None = None
     error: str | None = None  # None: a complete 200 stream
+    group: str | None = None  # what it shares with other requests: its tenant's prefix, its LoRA adapter
 
     @property
     def ok(self) -> bool:
@@ -122,6 +123,12 @@ def _headers(model: str) -> dict[str, str]:
     return {"content-type": "application/json", MODEL_ID_HEADER: model}
 
 
+def _group(request: Request) -> str | None:
+    if request.tenant is not None:
+        return f"tenant {request.tenant}"
+    return request.model
+
+
 def _named(headers: dict[str, str], request: Request) -> dict[str, str]:
     """The request's own model header when it names one (a LoRA adapter), else the run's."""
     return headers if request.model is None else _headers(request.model)
@@ -134,7 +141,7 @@ async def open_loop(
     loop = asyncio.get_running_loop()
     url, headers = base_url + PATH, _headers(model)
     start = loop.time() + 0.05
-    outcomes = [Outcome(scheduled=start + offset) for offset in offsets]
+    outcomes = [Outcome(scheduled=start + offset, group=_group(r)) for r, offset in zip(requests, offsets, strict=True)]
     window_start = outcomes[int(WARMUP_FRACTION * len(outcomes))].scheduled
     window_end = outcomes[-1].scheduled
     in_window = [0]

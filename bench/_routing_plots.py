@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 LATENCY_PLOT = "bench-routing-latency.png"
 THROUGHPUT_PLOT = "bench-routing-throughput.png"
 
-COLORS = ("#4c72b0", "#dd8452", "#937860", "#55a868", "#c44e52", "#8172b3", "#da8bc3", "#8c8c8c")
+COLORS = ("#4c72b0", "#dd8452", "#937860", "#55a868", "#c44e52", "#8172b3", "#da8bc3", "#8c8c8c", "#ccb974")
 LOAD_AXIS = "offered load, % of measured fleet capacity"
 
 

@@ -1,15 +1,28 @@
-"""What the routing benchmark's numbers say about the picker and the fast path, and what would help.
+"""What the routing benchmark's numbers say about the picker and the fast path, and what is left.
 
-The mechanisms are described from the code (extproc/scheduler/, controlplane/load/fast_path.py); the
-figures come from the run, so the text stays true when the numbers move.
+The mechanisms are described from the code (extproc/scheduler/, controlplane/load/fast_path.py); every
+figure, and every claim that depends on one (which setup keeps a tenant in one place, where the tail
+was served, which target is missed and why), comes from the run, so the text stays true when the
+numbers move.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter, defaultdict
 
-from bench._routing_results import Capacity, Results, Settings, capacity_shares
-from bench._routing_setups import FAST, FLEET, LEAST_REQUEST, PICKER, RANDOM, ROUND_ROBIN
+from bench._routing_results import TARGETS, Capacity, Cell, Results, Settings, capacity_shares
+from bench._routing_setups import (
+    ADAPTERS,
+    FAST,
+    FLEET,
+    LEAST_REQUEST,
+    MAX_LORAS,
+    PICKER,
+    PICKER_PREFIX,
+    RANDOM,
+    ROUND_ROBIN,
+)
 
 SLOW = FLEET[-1].name  # the slowest replica of bench/_routing_setups.py's fleet
 FASTEST = FLEET[0].name
@@ -26,72 +39,208 @@ def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.0%}"
 
 
+def _x(value: float) -> str:
+    return "n/a" if math.isnan(value) or math.isinf(value) else f"{value:.2f}x"
+
+
+def _ms(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "∞"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def spread(cell: Cell | None) -> float:
+    """Replicas that served a group (a tenant, an adapter), on average over its requests: 1 when
+    every group stayed on one replica, the fleet's size when each went everywhere."""
+    if cell is None:
+        return math.nan
+    where: dict[str, Counter[str]] = defaultdict(Counter)
+    for run in cell.runs:
+        for o in run.outcomes:
+            if o.group is not None and o.replica is not None:
+                where[o.group][o.replica] += 1
+    total = sum(sum(c.values()) for c in where.values())
+    return sum(len(c) * sum(c.values()) for c in where.values()) / total if total else math.nan
+
+
+def tail_on(cell: Cell | None, replica: str, fraction: float = 0.01) -> tuple[int, int]:
+    """(of the slowest ``fraction`` of the cell's requests by TTFT, how many ``replica`` served; how many)."""
+    if cell is None:
+        return 0, 0
+    outcomes = sorted((o for r in cell.runs for o in r.outcomes), key=lambda o: math.inf if o.ttft is None else o.ttft)
+    tail = outcomes[len(outcomes) - max(1, round(fraction * len(outcomes))) :]
+    return sum(o.replica == replica for o in tail), len(tail)
+
+
+def _metric(results: Results, setup: str, workload: str, load: float, name: str) -> float:
+    s = results.get(setup, workload, load)
+    return s.metric(name) if s is not None else math.nan
+
+
+def _vs(results: Results, setup: str, base: str, workload: str, load: float, name: str) -> float:
+    a, b = _metric(results, setup, workload, load, name), _metric(results, base, workload, load, name)
+    if math.isnan(a) or math.isnan(b) or not b or math.isinf(b):
+        return math.nan
+    return a / b
+
+
 def text(results: Results, capacities: dict[str, Capacity], settings: Settings) -> str:
     load = 0.9 if 0.9 in results.loads else max(results.loads)
+    out = ["### Reading", ""]
+    for paragraph in (
+        _slow_replica(results, capacities, load),
+        _picker(results, load),
+        _prefix(results, settings, load),
+        _fast_path(results, capacities, load),
+        _lora(results, load),
+        _missed(results),
+    ):
+        if paragraph:
+            out += [paragraph, ""]
+    return "\n".join(out)
+
+
+def _slow_replica(results: Results, capacities: dict[str, Capacity], load: float) -> str:
+    if "sharegpt" not in results.workloads:
+        return ""
     shares = capacity_shares(capacities, "sharegpt")
     slow_cap = shares.get(SLOW, math.nan)
     speed = shares.get(FASTEST, math.nan) / slow_cap if slow_cap else math.nan
 
-    def sent(setup: str, workload: str = "sharegpt") -> str:
-        return _pct(_share(results, setup, workload, load, SLOW))
+    def sent(setup: str) -> str:
+        return _pct(_share(results, setup, "sharegpt", load, SLOW))
 
-    def hit(setup: str) -> str:
-        s = results.get(setup, "shared-prefix", load)
-        return _pct(s.hit_rate) if s else "n/a"
+    return (
+        f"**The slow replica decides the tail.** Under saturation `{SLOW}` gets through {_pct(slow_cap)} of "
+        f"the fleet's ShareGPT-like work, `{FASTEST}` about {speed:.0f}x as much (the distribution table). "
+        f"ROUND_ROBIN and RANDOM give every replica the same share, so `{SLOW}` gets a quarter of the "
+        f"requests ({sent(ROUND_ROBIN.key)} and {sent(RANDOM.key)} at {load:.0%} load) and its queue grows "
+        "for the whole run: what is still queued when the run ends becomes errors, and their p90 and p99 run "
+        "into seconds or are ∞ (more than 10% or 1% of the requests got no token). LEAST_REQUEST equalises "
+        f"outstanding requests; that one replica gets through {speed:.0f}x less work is invisible to it: it "
+        f"sent `{SLOW}` {sent(LEAST_REQUEST.key)}."
+    )
 
+
+def _picker(results: Results, load: float) -> str:
+    if "sharegpt" not in results.workloads:
+        return ""
+    default = results.cells.get((PICKER.key, "sharegpt", load))
+    aware = results.cells.get((PICKER_PREFIX.key, "sharegpt", load))
+    on_slow, tail = tail_on(default, SLOW)
+    aware_on_slow, aware_tail = tail_on(aware, SLOW)
+    p99 = _metric(results, PICKER.key, "sharegpt", load, "ttft_p99")
+    aware_p99 = _metric(results, PICKER_PREFIX.key, "sharegpt", load, "ttft_p99")
+    return (
+        f"**The picker's tail, and what the time-to-first-token estimate changes.** With the default profile "
+        f"the picker sent `{SLOW}` {_pct(_share(results, PICKER.key, 'sharegpt', load, SLOW))} of the "
+        f"ShareGPT-like requests at {load:.0%}; {on_slow} of its slowest {tail} were served there (p99 "
+        f"{_ms(p99)}, {_x(_vs(results, PICKER.key, LEAST_REQUEST.key, 'sharegpt', load, 'ttft_p99'))} "
+        "LEAST_REQUEST's). The default profile's scores are counts: the queue term `S/(S + waiting + n)` "
+        "(S = `saturation_queue`, 5) is near 1 for a replica whose 2 slots are full but whose queue is still "
+        "empty, and only the latency term sees speed, as how long one request takes, not how many run at "
+        "once. The prefix-aware profile adds `ttft`, which estimates each replica's wait in seconds: queued "
+        "prefill at its measured prefill rate, the wait for a batch slot (waiting + running + 1 - slots, "
+        "times latency / slots: the replicas' `vllm:num_requests_max`, which the load monitor now reads), "
+        "one decode step, and the request's own uncached prompt. With it the picker sent `{SLOW}` "
+        f"{_pct(_share(results, PICKER_PREFIX.key, 'sharegpt', load, SLOW))}, {aware_on_slow} of its slowest "
+        f"{aware_tail} were served there, and its p99 was {_ms(aware_p99)} "
+        f"({_x(aware_p99 / p99 if p99 else math.nan)} the default profile's) on a workload without shared "
+        "prefixes, where prefix-affinity has nothing to add."
+    )
+
+
+def _prefix(results: Results, settings: Settings, load: float) -> str:
+    if "shared-prefix" not in results.workloads:
+        return ""
     cache = sum(r.profile().prefix_cache_blocks * r.profile().block_size for r in FLEET)
     smallest = min(r.profile().prefix_cache_blocks * r.profile().block_size for r in FLEET)
-    return "\n".join(
-        [
-            "### Reading",
-            "",
-            f"**The slow replica decides the tail.** Under saturation `{SLOW}` gets through {_pct(slow_cap)} "
-            f"of the fleet's ShareGPT-like work, `{FASTEST}` about {speed:.0f}x as much (the distribution "
-            f"table). ROUND_ROBIN and RANDOM give every replica the same share, so `{SLOW}` gets a quarter of "
-            f"the requests ({sent(ROUND_ROBIN.key)} and {sent(RANDOM.key)} at {load:.0%} load) and its queue "
-            "grows for the whole run: what is still queued when the run ends becomes errors, and their p90 and "
-            "p99 run into seconds or are ∞ (more than 10% or 1% of the requests got no token). LEAST_REQUEST "
-            f"equalises outstanding requests; that one replica gets through {speed:.0f}x less work is invisible "
-            f"to it: it sent `{SLOW}` {sent(LEAST_REQUEST.key)}.",
-            "",
-            f"**The picker's tail is the slow replica too.** It sent `{SLOW}` {sent(PICKER.key)} of the "
-            f"requests at {load:.0%} ({_pct(slow_cap)} of the capacity), and its slowest requests are the ones "
-            'it sent there (the targets\' "why" column): what matters is not the share but the moment, a '
-            f"request sent while `{SLOW}`'s 2 slots are busy. Its scores are absolute counts, not counts "
-            "relative to what a replica can do: the queue term `S/(S + waiting + n)` (S = `saturation_queue`, "
-            "5) is near 1 for a replica whose slots are full but whose queue is still empty, the running-batch "
-            f"term ranks `{SLOW}` (2 running) above an H100 (8 running), and the free-KV term favours the "
-            "replica that holds little because it runs little. Only the latency term (`fastest/latency`, "
-            "weight 2 of 8) sees the speed, and it compares how long one request takes, not how many a replica "
-            "serves at once: a replica with a quarter of the slots and a third of the speed scores only "
-            "somewhat lower than a fast one while its queue is empty, and gets requests until its queue shows "
-            "in the next scrape (100 ms). The in-flight term decays over `max_concurrency` requests, which the "
-            "spec leaves at 0 here (then `saturation_queue`, 5: more than the slow replica's 2 slots).",
-            "",
-            f"**The fast path** balances with Envoy's least-request on EDS weights derived from queue and KV "
-            f"only (controlplane/load/fast_path.py): a replica with an empty queue weighs 100 whatever its "
-            "speed, drops to 1 once saturated (queue >= 5 or KV >= 80%), and weights change at most once a "
-            "second and only by 20 points or more. The slow replica therefore alternates between a full share "
-            f"and almost none ({sent(FAST.key)} of the requests at {load:.0%}): least-request's tail, plus the "
-            "oscillation.",
-            "",
-            f"**No setup keeps a tenant's prefix in one place.** The fleet's prefix caches hold {cache:,} tokens "
-            f"together, the smallest {smallest:,}; the {settings.tenants} tenants' system prompts "
-            f"{settings.tenant_prompt_tokens:,}. A router that kept each tenant on a replica or two (with room "
-            "for load) could hit on nearly every request after the first; every setup here spreads each "
-            "tenant over every replica, and the replicas report prefix-cache hit rates of "
-            f"{hit(PICKER.key)} (picker), {hit(FAST.key)} (fast path), {hit(LEAST_REQUEST.key)} "
-            f"(LEAST_REQUEST), {hit(ROUND_ROBIN.key)} (ROUND_ROBIN) at {load:.0%}. What the picker gains in hit "
-            "rate comes from sending more of the work to the replicas with the largest caches, not from "
-            "keeping tenants apart: on this workload too its advantage is load balancing.",
-            "",
-            "**What would close the gaps** (for the scheduler's next version): score the expected wait, not "
-            "the counts: (waiting + in flight) over the replica's slots, times its time per request (the "
-            "replicas export their slots as `vllm:num_requests_max`, which the load monitor does not read "
-            "yet; `max_concurrency` in the spec is the manual version); a prefix-affinity scorer (hash the "
-            "prompt's leading blocks, prefer the replica that served that prefix recently, with a load bound), "
-            "as the Gateway API Inference Extension's prefix-cache scorer does; and for the fast path, "
-            "weights that start from each replica's capacity and are then discounted by its queue.",
-            "",
-        ]
+    rows = [
+        (setup, results.cells.get((setup.key, "shared-prefix", load)), results.get(setup.key, "shared-prefix", load))
+        for setup in results.setups
+    ]
+    listed = "; ".join(
+        f"{setup.label} {_pct(s.hit_rate)}, {spread(cell):.1f}" for setup, cell, s in rows if s is not None
+    )
+    aware = results.get(PICKER_PREFIX.key, "shared-prefix", load)
+    rr = results.get(ROUND_ROBIN.key, "shared-prefix", load)
+    tokens = _vs(results, PICKER_PREFIX.key, ROUND_ROBIN.key, "shared-prefix", load, "tokens_per_s")
+    text = (
+        f"**Keeping a tenant's prefix in one place.** The fleet's prefix caches hold {cache:,} tokens together, "
+        f"the smallest {smallest:,}; the {settings.tenants} tenants' system prompts {settings.tenant_prompt_tokens:,}. "
+        f"At {load:.0%} load, the prefix-cache hit rate the replicas report and the replicas a tenant's requests "
+        f"were served by, on average: {listed}. Only `prefix-affinity` remembers where a prefix went (the "
+        "prompt's block hashes, per ext_proc worker) and prefers that replica while its headroom lasts; every "
+        "other setup spreads each tenant over the fleet and hits only what several tenants' traffic happens "
+        "to leave behind."
+    )
+    if aware is not None and rr is not None:
+        text += (
+            f" The hits are prefill not computed: the prefix-aware picker's TTFT p90 was {_ms(aware.ttft_p90)} "
+            f"against ROUND_ROBIN's {_ms(rr.ttft_p90)}, and its output {tokens:.2f}x ROUND_ROBIN's."
+        )
+    return text
+
+
+def _fast_path(results: Results, capacities: dict[str, Capacity], load: float) -> str:
+    if "sharegpt" not in results.workloads or results.get(FAST.key, "sharegpt", load) is None:
+        return ""
+    shares = capacity_shares(capacities, "sharegpt")
+    ratios = ", ".join(
+        f"{_x(_vs(results, FAST.key, LEAST_REQUEST.key, 'sharegpt', x, 'ttft_p99'))} at {x:.0%}" for x in results.loads
+    )
+    on_slow, tail = tail_on(results.cells.get((FAST.key, "sharegpt", load)), SLOW)
+    return (
+        "**The fast path** balances with Envoy's least-request on EDS weights "
+        "(controlplane/load/fast_path.py) that now start from each replica's capacity, slots over its "
+        "decode step relative to the fastest replica of the version, and are discounted by its queue and "
+        f"KV: `{SLOW}` weighs a few points against the H100s' near 100 instead of 100 like them while idle. "
+        f"It sent `{SLOW}` {_pct(_share(results, FAST.key, 'sharegpt', load, SLOW))} of the ShareGPT-like "
+        f"requests at {load:.0%} ({_pct(shares.get(SLOW, math.nan))} of the capacity); {on_slow} of its "
+        f"slowest {tail} were served there. Its p99 TTFT against LEAST_REQUEST's: {ratios}. What is left is "
+        "what a balancer without a per-request decision cannot see: weights change at most once a second "
+        "and only by 20 points or more, and Envoy weighs them against its own count of active requests, not "
+        "against the queue behind a full batch."
+    )
+
+
+def _lora(results: Results, load: float) -> str:
+    if "lora" not in results.workloads:
+        return ""
+    rows = []
+    for setup in results.setups:
+        s = results.get(setup.key, "lora", load)
+        if s is None:
+            continue
+        cell = results.cells.get((setup.key, "lora", load))
+        rows.append(
+            f"{setup.label} {100 * s.adapter_loads / s.requests:.1f} loads per 100 requests, "
+            f"{spread(cell):.1f} replicas per adapter, p99 {_ms(s.ttft_p99)}"
+        )
+    return (
+        f"**LoRA adapters.** Every replica serves the {len(ADAPTERS)} adapters with `max_loras` {MAX_LORAS}: "
+        "a batch holds requests of at most that many distinct adapters, others wait for one to finish, and "
+        "an adapter not on the GPU is loaded first. Static balancers route an adapter as its base model, so "
+        "each replica sees every adapter and swaps them; the picker's `lora-affinity` (in every profile "
+        "here) prefers a replica where the adapter is active, then one with a free adapter slot. At "
+        f"{load:.0%} load: " + "; ".join(rows) + "."
+    )
+
+
+def _missed(results: Results) -> str:
+    missed = []
+    for target in TARGETS:
+        for setup in (PICKER, FAST):
+            value = target.measured(results, setup.key)
+            if not math.isnan(value) and not target.met(value):
+                missed.append(f"{target.text} ({setup.label}, {target.workload}, {target.load:.0%})")
+    if not missed:
+        return "**Targets.** Every target in the table is met in this run."
+    return (
+        "**Targets missed in this run**: "
+        + "; ".join(missed)
+        + ". The targets table's last column says, from this run's data, where the slowest requests were "
+        "served or what capped the throughput."
     )

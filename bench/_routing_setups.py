@@ -212,6 +212,7 @@ PROFILES: dict[str, dict] = {
     "prefix-aware": {
         "scorers": [*_DEFAULT_SCORERS, {"type": "prefix-affinity", "weight": 3}, {"type": "ttft", "weight": 3}]
     },
+    "default-ttft": {"scorers": [*_DEFAULT_SCORERS, {"type": "ttft", "weight": 3}]},
     "prefix-ttft": {"scorers": [{"type": "prefix-affinity", "weight": 2}, {"type": "ttft", "weight": 2}]},
     "ttft-queue": {
         "scorers": [
@@ -229,6 +230,7 @@ PICKER_PREFIX = Setup(
     "picker_prefix", "mesh: picker, prefix-aware profile", routing_mode="picker", scheduling="prefix-aware"
 )
 PICKER_PT = Setup("picker_pt", "mesh: picker, prefix + ttft only", routing_mode="picker", scheduling="prefix-ttft")
+PICKER_TTFT = Setup("picker_ttft", "mesh: picker, default + ttft", routing_mode="picker", scheduling="default-ttft")
 PICKER_TQ = Setup("picker_tq", "mesh: picker, ttft-led profile", routing_mode="picker", scheduling="ttft-queue")
 FAST = Setup("fast", "mesh: fast path (EDS weights)", routing_mode="fast")
 LEAST_REQUEST = Setup("least_request", "Envoy LEAST_REQUEST", lb_policy="LEAST_REQUEST")
@@ -236,7 +238,7 @@ ROUND_ROBIN = Setup("round_robin", "Envoy ROUND_ROBIN", lb_policy="ROUND_ROBIN")
 RANDOM = Setup("random", "Envoy RANDOM", lb_policy="RANDOM")
 SETUPS = (LEAST_REQUEST, PICKER, PICKER_PREFIX, FAST, ROUND_ROBIN, RANDOM)
 # Run only when asked for by name (bench/routing.py's IMESH_BENCH_ROUTING): profiles under trial.
-TRIAL_SETUPS = (PICKER_PT, PICKER_TQ)
+TRIAL_SETUPS = (PICKER_TTFT, PICKER_PT, PICKER_TQ)
 
 
 def mesh_spec(fleet: Fleet, routing_mode: str, scheduling: str | None = None) -> dict:

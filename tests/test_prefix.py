@@ -187,6 +187,15 @@ def test_hashes_are_stable_64_bit_and_seeded():
     assert block_hashes("z" * 128, seed=b"lora-a") != hashes
 
 
+def test_an_ascii_prompt_and_one_with_other_characters_agree_on_their_shared_blocks():
+    # All-ASCII text is encoded once and sliced; other text is cut by characters and encoded per
+    # block. The same leading characters must give the same chain either way.
+    ascii_only = block_hashes("a" * 128 + "b" * 64)
+    accented = block_hashes("a" * 128 + "é" * 64)
+    assert len(ascii_only) == len(accented) == 3
+    assert ascii_only[:2] == accented[:2] and ascii_only[2] != accented[2]
+
+
 def test_lone_surrogates_hash_instead_of_raising():
     assert len(block_hashes("\ud800" * 64)) == 1
 

@@ -12,9 +12,15 @@ is a stable stand-in: ~4 characters per token, so 64 characters are ~16 tokens, 
 block. The ``tokenizers`` library could give true token blocks later (the model's tokenizer
 and chat template in the ext_proc); ``token_block_hashes`` already chains token ids the same way.
 
-H is BLAKE2b with an 8-byte digest (stdlib, not salted per process as ``hash()`` is, so
-every ext_proc worker and the fleet agree). Cost is O(characters hashed); ``max_blocks`` caps
-that per request, so a 100k-token prompt costs the same as one of ``max_blocks`` blocks.
+``block_hashes`` chains XXH3-64 (``xxhash``): block ``i``'s hash is XXH3 of its bytes seeded with
+hash ``i-1``, the chain starting from ``chain_root(seed)``. It is per request on the data path, and
+XXH3 is about 5x cheaper there than BLAKE2b (docs/benchmarks.md, the scheduler hot path); a prompt
+that is all ASCII, as most are, is encoded once and sliced. Not salted per process as ``hash()`` is,
+so every ext_proc worker computes the same keys. Not cryptographic: a client that crafted colliding
+prompts could only attract its own requests to a replica, which it can do by sharing a prefix
+anyway. ``token_block_hashes`` (the key vLLM's KV events are mapped onto) chains BLAKE2b with an
+8-byte digest. Cost is O(characters hashed); ``max_blocks`` caps that per request, so a 100k-token
+prompt costs the same as one of ``max_blocks`` blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import xxhash
 
 DIGEST_BYTES = 8
 _ENCODING = "utf-8"
@@ -58,14 +66,21 @@ def chain_root(seed: bytes = b"") -> bytes:
 def block_hashes(text: str, config: BlockConfig = DEFAULT_BLOCKS, seed: bytes = b"") -> list[int]:
     """The chained hashes of ``text``'s full blocks, at most ``config.max_blocks`` of them."""
     size = config.block_chars
-    count = min(len(text) // size, config.max_blocks)
-    blake2b = hashlib.blake2b
-    prev = chain_root(seed)
+    end = min(len(text) // size, config.max_blocks) * size
+    xxh3 = xxhash.xxh3_64_intdigest
+    prev = int.from_bytes(chain_root(seed), "big")
     out: list[int] = []
     append = out.append
-    for start in range(0, count * size, size):
-        prev = blake2b(prev + text[start : start + size].encode(_ENCODING, _ERRORS), digest_size=DIGEST_BYTES).digest()
-        append(int.from_bytes(prev, "big"))
+    head = text[:end]
+    if head.isascii():  # a character is a byte: encode once, slice the bytes
+        data = head.encode("ascii")
+        for start in range(0, end, size):
+            prev = xxh3(data[start : start + size], prev)
+            append(prev)
+        return out
+    for start in range(0, end, size):
+        prev = xxh3(head[start : start + size].encode(_ENCODING, _ERRORS), prev)
+        append(prev)
     return out
 
 
