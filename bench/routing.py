@@ -1,8 +1,9 @@
 """Routing quality: the mesh's picker and fast path against Envoy's own balancers, on a simulated fleet.
 
 One heterogeneous simulated fleet (bench/_routing_setups.py: fast and slow GPUs, large and small KV
-caches, prefix caches as large as the KV caches) is driven through five setups, each with the fleet
-restarted fresh: the mesh's picker, the mesh's fast path, and Envoy ROUND_ROBIN, LEAST_REQUEST and
+caches, prefix caches as large as the KV caches) is driven through six setups, each with the fleet
+restarted fresh: the mesh's picker with the default scheduler profile and with a prefix-aware one
+(bench/_routing_setups.py: PROFILES), the mesh's fast path, and Envoy ROUND_ROBIN, LEAST_REQUEST and
 RANDOM (the same Envoy binary, the fast-path mesh's own configuration made static).
 
 1. Fleet capacity, per workload: a closed loop of ``CAPACITY_CLIENTS`` clients through Envoy
@@ -17,8 +18,12 @@ RANDOM (the same Envoy binary, the fast-path mesh's own configuration made stati
    infinitely slow), end-to-end p99, output tokens/s and requests/s, errors, the prefix-cache hit
    rate the replicas report in /metrics; per seed the p99 TTFT, to show the spread.
 
-Workloads (bench/_workload.py): ShareGPT-like lengths and a multi-tenant shared-prefix workload.
-A LoRA-adapter mix is not run: the simulated fleet has no adapters yet.
+Workloads (bench/_workload.py): ShareGPT-like lengths, a multi-tenant shared-prefix workload, and a
+LoRA-adapter mix (the fleet then serves ``ADAPTERS`` with ``MAX_LORAS`` per batch; the spec declares
+them, so the static Envoys route an adapter as the base model, from the fast path's own routes).
+
+``IMESH_BENCH_ROUTING`` runs a part of it for development (``_subset``: workloads, setups, loads,
+seeds, requests); the section it prints is then that part's.
 
 What this machine's two cores can carry sets the scale: a streamed token costs CPU (fleet, Envoy,
 client), so outputs are ShareGPT's / ``OUTPUT_SCALE``, the replicas have a quarter of their
@@ -76,8 +81,9 @@ WORKLOADS: tuple[str, ...] = ("sharegpt", "shared-prefix", "lora")
 # Simulated time runs at this multiple of the profiles' (fleet/profiles.py), per workload: slow
 # enough that the simulated GPUs, not this machine's two cores, bound the fleet (the busy check).
 # A streamed token costs CPU here, a prompt token does not: the shared-prefix workload, mostly
-# prefill, runs its fleet faster still to fit the same number of requests into the time.
-TIME_SCALES = {"sharegpt": 0.4, "shared-prefix": 0.25, "lora": 0.4}
+# prefill, runs its fleet faster still to fit the same number of requests into the time; the LoRA
+# mix, whose adapter waits and loads lower the fleet's throughput, a little faster than ShareGPT.
+TIME_SCALES = {"sharegpt": 0.35, "shared-prefix": 0.2, "lora": 0.3}
 OUTPUT_SCALE = 8  # output lengths are ShareGPT's / 8, for the same reason
 TENANTS = 32
 LOADS = (0.9, 1.1) if QUICK else (0.5, 0.9, 1.1)
