@@ -144,7 +144,7 @@ def _picker(results: Results, load: float) -> str:
         "once. The prefix-aware profile adds `ttft`, which estimates each replica's wait in seconds: queued "
         "prefill at its measured prefill rate, the wait for a batch slot (waiting + running + 1 - slots, "
         "times latency / slots: the replicas' `vllm:num_requests_max`, which the load monitor now reads), "
-        "one decode step, and the request's own uncached prompt. With it the picker sent `{SLOW}` "
+        f"one decode step, and the request's own uncached prompt. With it the picker sent `{SLOW}` "
         f"{_pct(_share(results, PICKER_PREFIX.key, 'sharegpt', load, SLOW))}, {aware_on_slow} of its slowest "
         f"{aware_tail} were served there, and its p99 was {_ms(aware_p99)} "
         f"({_x(aware_p99 / p99 if p99 else math.nan)} the default profile's) on a workload without shared "
@@ -192,11 +192,13 @@ def _fast_path(results: Results, capacities: dict[str, Capacity], load: float) -
         f"{_x(_vs(results, FAST.key, LEAST_REQUEST.key, 'sharegpt', x, 'ttft_p99'))} at {x:.0%}" for x in results.loads
     )
     on_slow, tail = tail_on(results.cells.get((FAST.key, "sharegpt", load)), SLOW)
+    relative = ", ".join(f"`{name}` {weight:.0%}" for name, weight in idle_capacities().items())
     return (
         "**The fast path** balances with Envoy's least-request on EDS weights "
         "(controlplane/load/fast_path.py) that now start from each replica's capacity, slots over its "
         "decode step relative to the fastest replica of the version, and are discounted by its queue and "
-        f"KV: `{SLOW}` weighs a few points against the H100s' near 100 instead of 100 like them while idle. "
+        f"KV. With its batch full, each replica's capacity relative to the fastest, from the profiles: "
+        f"{relative} (before, every idle replica weighed 100). "
         f"It sent `{SLOW}` {_pct(_share(results, FAST.key, 'sharegpt', load, SLOW))} of the ShareGPT-like "
         f"requests at {load:.0%} ({_pct(shares.get(SLOW, math.nan))} of the capacity); {on_slow} of its "
         f"slowest {tail} were served there. Its p99 TTFT against LEAST_REQUEST's: {ratios}. What is left is "
@@ -204,6 +206,17 @@ def _fast_path(results: Results, capacities: dict[str, Capacity], load: float) -
         "and only by 20 points or more, and Envoy weighs them against its own count of active requests, not "
         "against the queue behind a full batch."
     )
+
+
+def idle_capacities() -> dict[str, float]:
+    """Each replica's slots over its decode step with the batch full, relative to the largest: the
+    fast path's capacity factor (the decode step as the profiles model it, not as measured)."""
+    capacity = {}
+    for r in FLEET:
+        p = r.profile()
+        capacity[r.name] = p.max_num_seqs / (p.decode_base_s + p.decode_per_seq_s * p.max_num_seqs)
+    top = max(capacity.values())
+    return {name: c / top for name, c in capacity.items()}
 
 
 def _lora(results: Results, load: float) -> str:
@@ -232,7 +245,7 @@ def _lora(results: Results, load: float) -> str:
 def _missed(results: Results) -> str:
     missed = []
     for target in TARGETS:
-        for setup in (PICKER, FAST):
+        for setup in (PICKER, PICKER_PREFIX, FAST):
             value = target.measured(results, setup.key)
             if not math.isnan(value) and not target.met(value):
                 missed.append(f"{target.text} ({setup.label}, {target.workload}, {target.load:.0%})")

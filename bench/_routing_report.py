@@ -354,7 +354,8 @@ def _setup_text(settings: Settings, capacities: dict[str, Capacity]) -> str:
             "GPUs, large and small KV caches, each with a prefix cache as large as its KV cache; restarted "
             "fresh for every setup and workload.",
             "- **Setups**: the mesh's picker (an ext_proc round per request); the mesh's fast path (Envoy on "
-            "the control plane's load-aware EDS weights); Envoy LEAST_REQUEST, ROUND_ROBIN and RANDOM: the "
+            "the control plane's EDS weights: each replica's capacity, slots over decode step, discounted by "
+            "its queue and KV); Envoy LEAST_REQUEST, ROUND_ROBIN and RANDOM: the "
             "fast-path mesh's own listener, routes and cluster from its config dump, made static (no ext_proc, "
             "no access logs, equal weights), the same Envoy binary, 1 worker. The picker runs twice: with the "
             "default scheduler profile and with a prefix-aware one (the default scorers plus `prefix-affinity` "

@@ -16,7 +16,7 @@ from bench._loadgen import Outcome, Run, Saturation
 from bench._routing_setups import LEAST_REQUEST, ROUND_ROBIN, SETUPS, TRIAL_SETUPS, ReplicaCounters, Setup
 
 INF = math.inf
-SUBJECTS = ("picker", "fast")  # the setups the targets are about
+SUBJECTS = ("picker", "picker_prefix", "fast")  # the setups the targets are about
 
 
 @dataclass

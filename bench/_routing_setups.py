@@ -4,7 +4,7 @@ The fleet is one ``python -m fleet`` process on fixed loopback ports (chosen fre
 fresh for every setup and workload. The setups all serve the same model on the same replica addresses:
 
 * the mesh with ``routing_mode: picker`` (the ext_proc picks per request) and with
-  ``routing_mode: fast`` (Envoy balances on the control plane's load-aware EDS weights), each a
+  ``routing_mode: fast`` (Envoy balances on the control plane's capacity- and load-aware EDS weights), each a
   fresh ``LocalMesh`` (control plane, ext_proc, Envoy);
 * Envoy ``LEAST_REQUEST``, ``ROUND_ROBIN`` and ``RANDOM``: the fast-path mesh's own listener,
   routes and cluster, taken from its Envoy's config dump (bench/envoy_features.py), made static:
