@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench._routing_setups import PROFILES
 from extproc.prefix.blocks import BlockConfig, block_hashes
 from extproc.prefix.index import IndexSettings, PrefixIndex
 from extproc.prefix.prompt import prompt_text
@@ -30,21 +31,9 @@ from extproc.scheduler.picker import Picker
 from extproc.scheduler.results import Pick
 from protos import mesh_pb2
 
-# The routing benchmark's prefix-aware profile (bench/_routing_setups.py), as a routing table carries it.
+# The routing benchmark's prefix-aware profile, as a routing table carries it.
 _PREFIX_AWARE = mesh_pb2.SchedulingProfile(
-    scorers=[
-        mesh_pb2.PluginRef(type=t, weight=w)
-        for t, w in (
-            ("queue", 2),
-            ("kv-cache", 2),
-            ("inflight", 1),
-            ("latency", 2),
-            ("running", 1),
-            ("lora-affinity", 2),
-            ("prefix-affinity", 3),
-            ("ttft", 3),
-        )
-    ]
+    scorers=[mesh_pb2.PluginRef(type=r["type"], weight=r["weight"]) for r in PROFILES["prefix-aware"]["scorers"]]
 )
 
 TITLE = "Scheduler hot path"
