@@ -325,7 +325,8 @@ def render(cells: list[Cell], capacities: dict[str, Capacity], settings: Setting
         out.append("")
     out += [
         "Machine CPU: cores busy during the cell's runs, whoever used them (other jobs share this machine; "
-        f"before each cell the benchmark waited up to 10 s for them to leave it below one busy core, "
+        f"before each cell the benchmark waited up to {settings.quiet_limits[0]:g} s for them to leave it "
+        f"below one busy core, at most {settings.quiet_limits[1]:g} s in all, "
         f"{settings.quiet_wait_s:.0f} s in all this run). "
         f"{CONTENDED_MARK.strip()}: {CONTENDED:.0%} or more of the machine was busy, so that cell's latencies "
         "include waits for a CPU (the ext_proc, the fleet's event loop and Envoy all queue for one) and say "

@@ -71,6 +71,7 @@ class Settings:
     means: dict[str, tuple[float, float]]  # workload -> mean prompt and output tokens of its requests
     tenant_prompt_tokens: int  # the shared-prefix workload's system prompts, all tenants together
     quiet_wait_s: float  # waited in all for other jobs to leave the machine (routing.Quiet)
+    quiet_limits: tuple[float, float] = (0.0, 0.0)  # Quiet's wait before one cell, and in all
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -163,8 +163,8 @@ class Quiet:
     at a bounded cost in run time."""
 
     threshold: float = 1.0
-    each_s: float = 10.0
-    budget_s: float = 60.0
+    each_s: float = 15.0
+    budget_s: float = 120.0
     waited_s: float = 0.0
 
     def wait(self) -> None:
@@ -337,6 +337,7 @@ def run(out_dir: Path) -> str:
         means={name: _means(workload(name, SEEDS[0], REQUESTS)) for name in WORKLOADS},
         tenant_prompt_tokens=sum(len(p.split()) for p in tenant_prompts(SEEDS[0], TENANTS)),
         quiet_wait_s=quiet.waited_s,
+        quiet_limits=(quiet.each_s, quiet.budget_s),
     )
     plots = _routing_plots.plots(out_dir, cells)
     reading = _routing_reading.text(Results(cells), capacities, settings)
