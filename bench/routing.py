@@ -82,8 +82,8 @@ WORKLOADS: tuple[str, ...] = ("sharegpt", "shared-prefix", "lora")
 # enough that the simulated GPUs, not this machine's two cores, bound the fleet (the busy check).
 # A streamed token costs CPU here, a prompt token does not: the shared-prefix workload, mostly
 # prefill, runs its fleet faster still to fit the same number of requests into the time; the LoRA
-# mix, whose adapter waits and loads lower the fleet's throughput, a little faster than ShareGPT.
-TIME_SCALES = {"sharegpt": 0.35, "shared-prefix": 0.2, "lora": 0.3}
+# mix as ShareGPT (its requests are ShareGPT-like).
+TIME_SCALES = {"sharegpt": 0.35, "shared-prefix": 0.25, "lora": 0.35}
 OUTPUT_SCALE = 8  # output lengths are ShareGPT's / 8, for the same reason
 TENANTS = 32
 LOADS = (0.9, 1.1) if QUICK else (0.5, 0.9, 1.1)
