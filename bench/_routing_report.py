@@ -29,6 +29,7 @@ from bench._routing_setups import (
     PICKER_PREFIX,
     PROFILES,
     ROUND_ROBIN,
+    SCHEDULER,
     SETUPS,
     SLOTS_DIVISOR,
     TRIAL_SETUPS,
@@ -352,8 +353,9 @@ def _setup_text(settings: Settings, capacities: dict[str, Capacity]) -> str:
             f"started, {settings.load[1]:.1f} when it ended.{quick}",
             "",
             f"- **Fleet**: {len(FLEET)} simulated replicas of one model (fleet/, the table below): fast and slow "
-            "GPUs, large and small KV caches, each with a prefix cache as large as its KV cache; restarted "
-            "fresh for every setup and workload.",
+            "GPUs, large and small KV caches, each with a prefix cache as large as its KV cache; the engine's "
+            f"scheduler switches {', '.join(f'`{k}: {str(v).lower()}`' for k, v in SCHEDULER.items())} "
+            "(docs/fleet.md); restarted fresh for every setup and workload.",
             "- **Setups**: the mesh's picker (an ext_proc round per request); the mesh's fast path (Envoy on "
             "the control plane's EDS weights: each replica's capacity, slots over decode step, discounted by "
             "its queue and KV); Envoy LEAST_REQUEST, ROUND_ROBIN and RANDOM: the "
