@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import resource
 import shutil
 import sys
@@ -339,9 +340,23 @@ def run(out_dir: Path) -> str:
         quiet_wait_s=quiet.waited_s,
         quiet_limits=(quiet.each_s, quiet.budget_s),
     )
+    saved = os.environ.get("IMESH_BENCH_ROUTING_SAVE")
+    if saved:  # the measurements, to render again without measuring (render_saved)
+        Path(saved).write_bytes(pickle.dumps((cells, capacities, settings)))
+    return _render(out_dir, cells, capacities, settings)
+
+
+def _render(out_dir: Path, cells: list[Cell], capacities: dict[str, Capacity], settings: Settings) -> str:
     plots = _routing_plots.plots(out_dir, cells)
     reading = _routing_reading.text(Results(cells), capacities, settings)
     return report.render(cells, capacities, settings, plots) + "\n" + reading
+
+
+def render_saved(saved: Path, out_dir: Path) -> str:
+    """The section from measurements ``IMESH_BENCH_ROUTING_SAVE`` kept (a report change, no rerun)."""
+    cells, capacities, settings = pickle.loads(saved.read_bytes())  # our own file, written above
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _render(out_dir, cells, capacities, settings)
 
 
 if __name__ == "__main__":
