@@ -144,16 +144,29 @@ def test_weights_start_from_each_replica_capacity_within_its_version():
 
 
 def test_without_known_capacities_weights_are_the_load_alone():
-    assert relative_capacities({"a": None, "b": _sized(0, 0, 0.01)}) == {"a": 1.0, "b": 1.0}
+    assert relative_capacities({"a": None, "b": None}) == {"a": 1.0, "b": 1.0}
     # One unknown among known ones counts as their median, not as the fastest nor as nothing.
-    loads = {"a": _sized(0, 8, 0.01), "b": _sized(0, 4, 0.01), "c": _sized(0, 2, 0.01), "d": None}
-    assert relative_capacities(loads) == {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.5}
-    # A stale reading's capacity is not compared: the compiled weights treat it as unknown (neutral 50).
+    assert relative_capacities({"a": 800, "b": 400, "c": 200, "d": None}) == {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.5}
+    # A reading that was never fresh has no capacity: the neutral 50 (the other one's is the median).
     report = mesh_pb2.LoadReport(
         endpoints=[_sized(0, 8, 0.01, address="10.0.0.1:1"), _sized(0, 2, 0.04, address="10.0.0.2:1")]
     )
     report.endpoints[0].age_s = 60
     assert LoadWeights().compute(SPEC, report) == {"10.0.0.1:1": 50, "10.0.0.2:1": 95}
+
+
+def test_a_stale_reading_keeps_its_last_measured_capacity():
+    """A fast replica whose scrape is late must not weigh less than an idle slow one (the slow one
+    would then get the fast one's share): its capacity is what it was, its load unknown."""
+    weights = LoadWeights()
+    report = mesh_pb2.LoadReport(
+        endpoints=[_sized(0, 8, 0.01, address="10.0.0.1:1"), _sized(0, 2, 0.04, address="10.0.0.2:1")]
+    )
+    assert weights.compute(SPEC, report) == {"10.0.0.1:1": 95, "10.0.0.2:1": 5}
+    report.endpoints[0].age_s = 60  # the fast one's reading goes stale
+    assert weights.compute(SPEC, report) == {"10.0.0.1:1": 50, "10.0.0.2:1": 5}
+    report.endpoints[0].age_s, report.endpoints[1].age_s = 0.05, 60  # the slow one stale: 50 x 50/800, in steps of 5
+    assert weights.compute(SPEC, report) == {"10.0.0.1:1": 95, "10.0.0.2:1": 5}
 
 
 def test_hysteresis_holds_small_changes_and_rate_limits():

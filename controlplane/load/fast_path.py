@@ -20,8 +20,10 @@ vLLM's ``max_num_seqs`` (``EndpointLoad.slots``), the step the recent time per o
 finished) counts as the version's median known capacity; when none is known, capacity is left out
 (every replica 100 x headroom). A saturated replica (queue >= S or KV >= saturation_kv)
 gets 1, the least Envoy accepts; an unreachable one gets 1 too (outlier detection does the rest).
-A replica with no reading, or a stale one, gets the neutral 50: missing data is neither good nor
-bad news, as in the picker.
+A replica with no reading, or a stale one, gets the neutral 50 times its relative capacity:
+missing load data is neither good nor bad news, as in the picker, but a replica's capacity is
+what it was when last measured (it does not change with load), so a slow replica whose reading
+is late does not weigh as much as an idle fast one, nor a fast one less than a loaded slow one.
 
 Hysteresis, so that EDS is not pushed on every 100 ms scrape:
 
@@ -67,15 +69,16 @@ def capacity(load: mesh_pb2.EndpointLoad | None) -> float | None:
     return load.slots / load.decode_step_s
 
 
-def relative_capacities(loads: Mapping[str, mesh_pb2.EndpointLoad | None]) -> dict[str, float]:
-    """Each replica's capacity over the largest of the group, 0..1 (see the module docstring)."""
-    known = {a: c for a, c in ((a, capacity(load)) for a, load in loads.items()) if c is not None}
+def relative_capacities(capacities: Mapping[str, float | None]) -> dict[str, float]:
+    """Each replica's capacity over the largest of the group, 0..1; an unknown one (None) counts as
+    the group's median known capacity (see the module docstring)."""
+    known = {a: c for a, c in capacities.items() if c is not None}
     if not known:
-        return dict.fromkeys(loads, 1.0)
+        return dict.fromkeys(capacities, 1.0)
     ordered = sorted(known.values())
     median = ordered[len(ordered) // 2]
     top = ordered[-1]
-    return {a: known.get(a, median) / top for a in loads}
+    return {a: known.get(a, median) / top for a in capacities}
 
 
 def endpoint_weight(
@@ -83,8 +86,10 @@ def endpoint_weight(
 ) -> int:
     """One replica's weight, 1..100 (see the module docstring); ``relative_capacity``: its capacity
     over its version's largest (``relative_capacities``)."""
+    relative_capacity = min(1.0, max(0.0, relative_capacity))
     if load is None or (load.reachable and not (math.isfinite(load.age_s) and load.age_s <= scoring.stale_after_s)):
-        return NEUTRAL_WEIGHT  # no reading yet, or a stale one
+        neutral = int(round(NEUTRAL_WEIGHT * relative_capacity / step)) * step  # no reading yet, or a stale one
+        return max(MIN_WEIGHT + 1, neutral)
     if not load.reachable:
         return MIN_WEIGHT
     waiting = max(0.0, load.waiting)
@@ -96,7 +101,7 @@ def endpoint_weight(
     if total <= 0:
         return NEUTRAL_WEIGHT
     score = (scoring.queue_weight * s / (s + waiting) + scoring.kv_cache_weight * (1.0 - kv)) / total
-    score *= min(1.0, max(0.0, relative_capacity))
+    score *= relative_capacity
     weight = int(round(score * MAX_WEIGHT / step)) * step
     return max(MIN_WEIGHT + 1, min(MAX_WEIGHT, weight))  # 1 is kept for "saturated"
 
@@ -124,17 +129,23 @@ class LoadWeights:
         self._last_push = -math.inf
         self._spec: MeshSpec | None = None
         self._versions: list[list[str]] = []
+        self._capacities: dict[str, float] = {}  # address -> its last measured capacity
 
     def compute(self, spec: MeshSpec, report: mesh_pb2.LoadReport) -> dict[str, int]:
         if spec is not self._spec:  # specs are immutable: the fast-path endpoints change with the spec only
             self._spec, self._versions = spec, fast_path_versions(spec)
+            kept = {a for addresses in self._versions for a in addresses}
+            self._capacities = {a: c for a, c in self._capacities.items() if a in kept}
         if not self._versions:
             return {}
         readings = {e.address: e for e in report.endpoints}
         out: dict[str, int] = {}
         for addresses in self._versions:
-            loads = {a: _usable(readings.get(a), spec.scoring) for a in addresses}
-            relative = relative_capacities(loads)
+            for a in addresses:
+                measured = capacity(_usable(readings.get(a), spec.scoring))
+                if measured is not None:
+                    self._capacities[a] = measured
+            relative = relative_capacities({a: self._capacities.get(a) for a in addresses})
             for a in addresses:
                 out[a] = endpoint_weight(readings.get(a), spec.scoring, self.step, relative[a])
         return out
