@@ -6,6 +6,7 @@ this runs beside a `make run` on the same machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,8 +76,14 @@ def test_up_demo_serves_and_stops_every_process(tmp_path):
             time.sleep(0.1)
         assert not [pid for pid in children if _alive(pid)], "imesh up left processes behind"
     finally:
+        # Whatever failed: no process of this mesh may outlive the test. Its children run in their
+        # own sessions (so Ctrl-C reaches `imesh up` alone), so the group kill does not reach them.
+        leftovers = _descendants(up.pid)
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_cli_errors_are_clear_and_exit_non_zero(tmp_path):
