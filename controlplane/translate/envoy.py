@@ -40,13 +40,14 @@ from envoy.extensions.load_balancing_policies.override_host.v3 import override_h
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 
 from controlplane.model.mesh_model import MeshModel, ModelModel, VersionModel
 from controlplane.spec.resilience import ResilienceSpec, readiness_path
 from controlplane.translate import resilience as translate_resilience
 from controlplane.translate import telemetry as translate_telemetry
 from controlplane.translate.memo import NO_MEMO, TranslationMemo, model_routes_key, routes_key
+from controlplane.translate.protobuf import pack, seconds
 from protos.wire import (
     BODY_MODEL_PATHS,
     ENDPOINT_HEADER,
@@ -129,20 +130,8 @@ def _translate_version(
 # ---------------------------------------------------------------- helpers
 
 
-def _any(message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
-
-
 def _extension(name: str, message) -> extension_pb2.TypedExtensionConfig:
-    return extension_pb2.TypedExtensionConfig(name=name, typed_config=_any(message))
-
-
-def _seconds(value: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(value * 1e9))
-    return duration
+    return extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(message))
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -210,7 +199,7 @@ def _cluster_template(upstream_protocol: str, resilience: ResilienceSpec) -> clu
     return cluster_pb2.Cluster(
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
-        connect_timeout=_seconds(1.0),
+        connect_timeout=seconds(1.0),
         load_balancing_policy=cluster_pb2.LoadBalancingPolicy(
             policies=[
                 cluster_pb2.LoadBalancingPolicy.Policy(
@@ -220,7 +209,7 @@ def _cluster_template(upstream_protocol: str, resilience: ResilienceSpec) -> clu
         ),
         circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[unbounded]),
         outlier_detection=translate_resilience.outlier_detection(resilience.outlier_detection),
-        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)},
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(protocol)},
     )
 
 
@@ -285,7 +274,7 @@ def translate_listener(model: MeshModel, options: EnvoyOptions) -> listener_pb2.
             request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
             response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
         ),
-        message_timeout=_seconds(options.extproc_timeout_s),
+        message_timeout=seconds(options.extproc_timeout_s),
         metadata_options=ext_proc_pb2.MetadataOptions(
             receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
                 # envoy.lb: the pick; imesh: the ext_proc's notes for the access log (model, output tokens)
@@ -298,9 +287,9 @@ def translate_listener(model: MeshModel, options: EnvoyOptions) -> listener_pb2.
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=_ads()),
         http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.header_mutation", typed_config=_any(strip_internal)),
-            hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc), disabled=has_fast_path(model)),
-            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.header_mutation", typed_config=pack(strip_internal)),
+            hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=pack(ext_proc), disabled=has_fast_path(model)),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
         local_reply_config=_local_reply_config(),
         access_log=translate_telemetry.access_logs(options),
@@ -316,7 +305,7 @@ def translate_listener(model: MeshModel, options: EnvoyOptions) -> listener_pb2.
             listener_components_pb2.FilterChain(
                 filters=[
                     listener_components_pb2.Filter(
-                        name="envoy.filters.network.http_connection_manager", typed_config=_any(manager)
+                        name="envoy.filters.network.http_connection_manager", typed_config=pack(manager)
                     )
                 ]
             )
@@ -329,7 +318,7 @@ def _grpc_service(options: EnvoyOptions):
 
     return grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=options.extproc_cluster),
-        timeout=_seconds(options.extproc_timeout_s),
+        timeout=seconds(options.extproc_timeout_s),
     )
 
 
@@ -552,14 +541,14 @@ def has_fast_path(model: MeshModel) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _extproc_disabled() -> any_pb2.Any:
-    return _any(route_components_pb2.FilterConfig(disabled=True))
+    return pack(route_components_pb2.FilterConfig(disabled=True))
 
 
 @functools.lru_cache(maxsize=1)
 def _extproc_enabled() -> any_pb2.Any:
     per_route = ext_proc_pb2.ExtProcPerRoute()
     per_route.overrides.SetInParent()  # no override: the listener's config, switched on
-    return _any(per_route)
+    return pack(per_route)
 
 
 def _forced_version_routes(m: ModelModel, model: MeshModel) -> list[route_components_pb2.Route]:
@@ -613,13 +602,7 @@ def _route(name, match, action, m: ModelModel, model: MeshModel, pinned: Version
 
 
 def _retry_policy(model: MeshModel) -> route_components_pb2.RetryPolicy:
-    return translate_resilience.retry_policy(model.resilience.retries, model.defaults.retries, _any(_previous_hosts()))
-
-
-def _previous_hosts():
-    from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
-
-    return previous_hosts_pb2.PreviousHostsPredicate()
+    return translate_resilience.retry_policy(model.resilience.retries, model.defaults.retries)
 
 
 def _version_action(m: ModelModel, v: VersionModel, model: MeshModel) -> route_components_pb2.RouteAction:
@@ -645,6 +628,6 @@ def _weighted_action(m: ModelModel, model: MeshModel) -> route_components_pb2.Ro
 
 def _base_action(model: MeshModel) -> route_components_pb2.RouteAction:
     return route_components_pb2.RouteAction(
-        timeout=_seconds(model.defaults.request_timeout_s),
+        timeout=seconds(model.defaults.request_timeout_s),
         retry_policy=_retry_policy(model),
     )

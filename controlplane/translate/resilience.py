@@ -17,10 +17,12 @@ import functools
 from envoy.config.cluster.v3 import circuit_breaker_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 
 from controlplane.spec.resilience import HealthCheckSpec, OutlierDetectionSpec, RetrySpec
+from controlplane.translate.protobuf import pack, seconds
 
 # Connect failures, refused streams, resets (a replica that died with the request queued or in
 # prefill: its work is lost anyway), and the statuses the spec names. Envoy retries only while
@@ -33,12 +35,6 @@ _RETRY_ON = "connect-failure,refused-stream,reset"
 _HOST_SELECTION_ATTEMPTS = 20
 
 
-def _seconds(value: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(value * 1e9))
-    return duration
-
-
 def _u32(value: int) -> wrappers_pb2.UInt32Value:
     return wrappers_pb2.UInt32Value(value=value)
 
@@ -49,15 +45,15 @@ def health_check(spec: HealthCheckSpec, path: str) -> health_check_pb2.HealthChe
     if not spec.enabled:
         return None
     check = health_check_pb2.HealthCheck(
-        timeout=_seconds(spec.timeout_s),
-        interval=_seconds(spec.interval_s),
+        timeout=seconds(spec.timeout_s),
+        interval=seconds(spec.interval_s),
         # A version nobody calls is still checked at the same pace: a canary at 0% must be ready
         # before its first request, not a minute after (Envoy's default no-traffic interval is 60 s).
-        no_traffic_interval=_seconds(spec.interval_s),
+        no_traffic_interval=seconds(spec.interval_s),
         unhealthy_threshold=_u32(spec.unhealthy_threshold),
         healthy_threshold=_u32(spec.healthy_threshold),
         # New replicas are checked at once rather than at the next interval.
-        initial_jitter=_seconds(0),
+        initial_jitter=seconds(0),
     )
     if path:
         check.http_health_check.path = path
@@ -73,8 +69,8 @@ def outlier_detection(spec: OutlierDetectionSpec) -> outlier_detection_pb2.Outli
         enforcing_consecutive_5xx=_u32(100 if spec.consecutive_5xx else 0),
         consecutive_gateway_failure=_u32(spec.consecutive_gateway_failure or never),
         enforcing_consecutive_gateway_failure=_u32(100 if spec.consecutive_gateway_failure else 0),
-        interval=_seconds(spec.interval_s),
-        base_ejection_time=_seconds(spec.base_ejection_s),
+        interval=seconds(spec.interval_s),
+        base_ejection_time=seconds(spec.base_ejection_s),
         max_ejection_percent=_u32(spec.max_ejection_percent),
         success_rate_minimum_hosts=_u32(spec.success_rate_min_hosts or never),
         enforcing_success_rate=_u32(100 if spec.success_rate_min_hosts else 0),
@@ -91,7 +87,7 @@ def retry_budget(spec: RetrySpec) -> circuit_breaker_pb2.CircuitBreakers.Thresho
     )
 
 
-def retry_policy(spec: RetrySpec, max_retries: int, previous_hosts: any_pb2.Any) -> route_components_pb2.RetryPolicy:
+def retry_policy(spec: RetrySpec, max_retries: int) -> route_components_pb2.RetryPolicy:
     retry_on = _RETRY_ON + (",retriable-status-codes" if spec.retriable_status_codes else "")
     if spec.per_try_timeout_s:
         retry_on += ",gateway-error"  # what a per-try timeout counts as (a 504); 502/503 are gateway errors too
@@ -101,13 +97,14 @@ def retry_policy(spec: RetrySpec, max_retries: int, previous_hosts: any_pb2.Any)
         retriable_status_codes=list(spec.retriable_status_codes),
         retry_host_predicate=[
             route_components_pb2.RetryPolicy.RetryHostPredicate(
-                name="envoy.retry_host_predicates.previous_hosts", typed_config=previous_hosts
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
             )
         ],
         host_selection_retry_max_attempts=_HOST_SELECTION_ATTEMPTS,
     )
     if spec.per_try_timeout_s:
-        policy.per_try_timeout.CopyFrom(_seconds(spec.per_try_timeout_s))
+        policy.per_try_timeout.CopyFrom(seconds(spec.per_try_timeout_s))
     if spec.per_try_idle_timeout_s:
-        policy.per_try_idle_timeout.CopyFrom(_seconds(spec.per_try_idle_timeout_s))
+        policy.per_try_idle_timeout.CopyFrom(seconds(spec.per_try_idle_timeout_s))
     return policy

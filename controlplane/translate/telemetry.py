@@ -33,8 +33,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
+from controlplane.translate.protobuf import pack, seconds
 from protos.wire import (
     MODEL_HEADER,
     MODEL_ID_HEADER,
@@ -87,18 +88,6 @@ JSON_LOG_FORMAT: dict[str, str] = {
     "output_tokens": f"%DYNAMIC_METADATA({TELEMETRY_METADATA_NAMESPACE}:{TELEMETRY_OUTPUT_TOKENS_KEY})%",
     "trace_id": "%TRACE_ID%",
 }
-
-
-def _any(message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
-
-
-def _seconds(value: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(value * 1e9))
-    return duration
 
 
 def log_filter(options) -> accesslog_pb2.AccessLogFilter | None:
@@ -155,14 +144,14 @@ def access_logs(options) -> list[accesslog_pb2.AccessLog]:
                     envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)
                 ),
                 transport_api_version=config_source_pb2.V3,
-                buffer_flush_interval=_seconds(options.access_log_flush_s),
+                buffer_flush_interval=seconds(options.access_log_flush_s),
             ),
             additional_request_headers_to_log=list(ALS_REQUEST_HEADERS),
             additional_response_headers_to_log=list(ALS_RESPONSE_HEADERS),
         )
         logs.append(
             accesslog_pb2.AccessLog(
-                name="envoy.access_loggers.http_grpc", filter=log_filter_, typed_config=_any(grpc_log)
+                name="envoy.access_loggers.http_grpc", filter=log_filter_, typed_config=pack(grpc_log)
             )
         )
     if options.access_log_path:
@@ -173,7 +162,7 @@ def access_logs(options) -> list[accesslog_pb2.AccessLog]:
             log_format=sfs_pb2.SubstitutionFormatString(json_format=fmt),
         )
         logs.append(
-            accesslog_pb2.AccessLog(name="envoy.access_loggers.file", filter=log_filter_, typed_config=_any(file_log))
+            accesslog_pb2.AccessLog(name="envoy.access_loggers.file", filter=log_filter_, typed_config=pack(file_log))
         )
     return logs
 
@@ -184,13 +173,13 @@ def tracing(options) -> hcm_pb2.HttpConnectionManager.Tracing | None:
         return None
     otel = opentelemetry_pb2.OpenTelemetryConfig(
         grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=OTEL_CLUSTER), timeout=_seconds(1.0)
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=OTEL_CLUSTER), timeout=seconds(1.0)
         ),
         service_name=options.trace_service_name,
     )
     return hcm_pb2.HttpConnectionManager.Tracing(
         random_sampling=percent_pb2.Percent(value=options.trace_sampling_percent),
-        provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=_any(otel)),
+        provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=pack(otel)),
         spawn_upstream_span=wrappers_pb2.BoolValue(value=True),
     )
 
@@ -208,7 +197,7 @@ def otel_cluster(options) -> cluster_pb2.Cluster | None:
     return cluster_pb2.Cluster(
         name=OTEL_CLUSTER,
         type=cluster_pb2.Cluster.STRICT_DNS if not _is_ip(host) else cluster_pb2.Cluster.STATIC,
-        connect_timeout=_seconds(1.0),
+        connect_timeout=seconds(1.0),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
             cluster_name=OTEL_CLUSTER,
             endpoints=[
@@ -227,7 +216,7 @@ def otel_cluster(options) -> cluster_pb2.Cluster | None:
                 )
             ],
         ),
-        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(protocol)},
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(protocol)},
     )
 
 
