@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
+from bench._routing_report import fmt_s
 from bench._routing_results import TARGETS, Capacity, Cell, Results, Settings, capacity_shares
 from bench._routing_setups import (
     ADAPTERS,
@@ -41,14 +42,6 @@ def _pct(value: float) -> str:
 
 def _x(value: float) -> str:
     return "n/a" if math.isnan(value) or math.isinf(value) else f"{value:.2f}x"
-
-
-def _ms(value: float) -> str:
-    if math.isnan(value):
-        return "n/a"
-    if math.isinf(value):
-        return "∞"
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
 def spread(cell: Cell | None) -> float:
@@ -137,7 +130,7 @@ def _picker(results: Results, load: float) -> str:
         f"**The picker's tail, and what the time-to-first-token estimate changes.** With the default profile "
         f"the picker sent `{SLOW}` {_pct(_share(results, PICKER.key, 'sharegpt', load, SLOW))} of the "
         f"ShareGPT-like requests at {load:.0%}; {on_slow} of its slowest {tail} were served there (p99 "
-        f"{_ms(p99)}, {_x(_vs(results, PICKER.key, LEAST_REQUEST.key, 'sharegpt', load, 'ttft_p99'))} "
+        f"{fmt_s(p99)}, {_x(_vs(results, PICKER.key, LEAST_REQUEST.key, 'sharegpt', load, 'ttft_p99'))} "
         "LEAST_REQUEST's). The default profile's scores are counts: the queue term `S/(S + waiting + n)` "
         "(S = `saturation_queue`, 5) is near 1 for a replica whose 2 slots are full but whose queue is still "
         "empty, and only the latency term sees speed, as how long one request takes, not how many run at "
@@ -146,7 +139,7 @@ def _picker(results: Results, load: float) -> str:
         "times latency / slots: the replicas' `vllm:num_requests_max`, which the load monitor now reads), "
         f"one decode step, and the request's own uncached prompt. With it the picker sent `{SLOW}` "
         f"{_pct(_share(results, PICKER_PREFIX.key, 'sharegpt', load, SLOW))}, {aware_on_slow} of its slowest "
-        f"{aware_tail} were served there, and its p99 was {_ms(aware_p99)} "
+        f"{aware_tail} were served there, and its p99 was {fmt_s(aware_p99)} "
         f"({_x(aware_p99 / p99 if p99 else math.nan)} the default profile's) on a workload without shared "
         "prefixes, where prefix-affinity has nothing to add."
     )
@@ -178,8 +171,8 @@ def _prefix(results: Results, settings: Settings, load: float) -> str:
     )
     if aware is not None and rr is not None:
         text += (
-            f" The hits are prefill not computed: the prefix-aware picker's TTFT p90 was {_ms(aware.ttft_p90)} "
-            f"against ROUND_ROBIN's {_ms(rr.ttft_p90)}, and its output {tokens:.2f}x ROUND_ROBIN's."
+            f" The hits are prefill not computed: the prefix-aware picker's TTFT p90 was {fmt_s(aware.ttft_p90)} "
+            f"against ROUND_ROBIN's {fmt_s(rr.ttft_p90)}, and its output {tokens:.2f}x ROUND_ROBIN's."
         )
     return text
 
@@ -230,7 +223,7 @@ def _lora(results: Results, load: float) -> str:
         cell = results.cells.get((setup.key, "lora", load))
         rows.append(
             f"{setup.label} {100 * s.adapter_loads / s.requests:.1f} loads per 100 requests, "
-            f"{spread(cell):.1f} replicas per adapter, p99 {_ms(s.ttft_p99)}"
+            f"{spread(cell):.1f} replicas per adapter, p99 {fmt_s(s.ttft_p99)}"
         )
     return (
         f"**LoRA adapters.** Every replica serves the {len(ADAPTERS)} adapters with `max_loras` {MAX_LORAS}: "
