@@ -60,6 +60,11 @@ class TestMesh:
         response = httpx.post(f"http://{self.replica(name).address}/sim/faults", json=faults, timeout=5)
         response.raise_for_status()
 
+    def save_spec(self) -> None:
+        """Write ``spec`` back as the file the control plane starts from, after a test edited it
+        (before the mesh starts: a running one takes changes through ``imesh apply``)."""
+        self.mesh.spec.write_text(yaml.safe_dump(self.spec, sort_keys=False))
+
     def write_spec(self, spec: dict, name: str = "mesh-v2.yaml") -> Path:
         path = self.mesh.workdir / name
         path.write_text(yaml.safe_dump(spec, sort_keys=False))

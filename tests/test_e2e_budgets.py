@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import yaml
 
 from tests.harness import Replica, chat, make_mesh
 from tests.kv_fixtures import words, write_tokenizer
@@ -30,7 +29,7 @@ def mesh(tmp_path_factory):
     )
     exact = next(m for m in test_mesh.spec["models"] if m["name"] == "exact")
     exact["tokenizer"] = tokenizer
-    (workdir / "mesh.yaml").write_text(yaml.safe_dump(test_mesh.spec, sort_keys=False))
+    test_mesh.save_spec()
     with test_mesh.mesh:
         test_mesh.mesh.wait_for_completion("chat")
         test_mesh.mesh.wait_for_completion("exact")

@@ -47,7 +47,7 @@ def start_mesh(tmp_path: Path, replicas: list[Replica], weights: dict, ab: dict 
     for model in test_mesh.spec["models"]:
         if model["name"] in (ab or {}):
             model["ab"] = ab[model["name"]]
-    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(test_mesh.spec, sort_keys=False))
+    test_mesh.save_spec()
     test_mesh.mesh.start()
     return test_mesh
 

@@ -51,7 +51,7 @@ def mesh(tmp_path_factory) -> Iterator[TestMesh]:
         replica["overrides"] = {"max_loras": 1, "adapter_load_s": 0.001}
     (workdir / "fleet.yaml").write_text(yaml.safe_dump(fleet))
     test_mesh.spec["models"][0]["versions"][0]["adapters"] = [ADAPTER]
-    (workdir / "mesh.yaml").write_text(yaml.safe_dump(test_mesh.spec, sort_keys=False))
+    test_mesh.save_spec()
     with test_mesh.mesh:
         test_mesh.mesh.wait_for_completion("llama")
         yield test_mesh

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.text import WORDS
@@ -63,7 +62,7 @@ def mesh(tmp_path_factory):
     (model,) = test_mesh.spec["models"]
     model["scheduling"] = SCHEDULING
     model["tokenizer"] = tokenizer
-    (workdir / "mesh.yaml").write_text(yaml.safe_dump(test_mesh.spec, sort_keys=False))
+    test_mesh.save_spec()
     with test_mesh.mesh:
         test_mesh.mesh.wait_for_completion(MODEL)
         yield test_mesh

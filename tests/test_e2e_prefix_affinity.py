@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import httpx
 import pytest
-import yaml
 
 from tests.harness import Replica, make_mesh, wait_for_queues
 
@@ -57,7 +56,7 @@ def mesh(tmp_path_factory):
     test_mesh = make_mesh(workdir, replicas("sticky") + replicas("plain"))
     for model in test_mesh.spec["models"]:
         model["scheduling"] = STICKY if model["name"] == "sticky" else PLAIN
-    (workdir / "mesh.yaml").write_text(yaml.safe_dump(test_mesh.spec, sort_keys=False))
+    test_mesh.save_spec()
     with test_mesh.mesh:
         test_mesh.mesh.wait_for_completion("sticky")
         test_mesh.mesh.wait_for_completion("plain")

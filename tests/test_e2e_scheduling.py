@@ -14,7 +14,6 @@ import collections
 
 import httpx
 import pytest
-import yaml
 
 from tests.harness import Replica, chat, make_mesh
 
@@ -46,7 +45,7 @@ def mesh(tmp_path_factory):
     for model in test_mesh.spec["models"]:
         if model["name"] == "flat":
             model["scheduling"] = FLAT
-    (workdir / "mesh.yaml").write_text(yaml.safe_dump(test_mesh.spec, sort_keys=False))
+    test_mesh.save_spec()
     with test_mesh.mesh:
         test_mesh.mesh.wait_for_completion("plain")
         test_mesh.mesh.wait_for_completion("flat")
