@@ -135,9 +135,7 @@ def fault_mesh(workdir: Path, replicas: int = 3, max_num_seqs: int = 32) -> Iter
     names = [f"r{i + 1}" for i in range(replicas)]
     addresses = {name: f"127.0.0.1:{port}" for name, port in zip(names, free_ports(replicas), strict=True)}
     processes: dict[str, ManagedProcess] = {}
-    mesh = LocalMesh(
-        spec=_write_spec(workdir, addresses), workdir=workdir, ports=MeshPorts.ephemeral(), controlplane_args=()
-    )
+    mesh = LocalMesh(spec=_write_spec(workdir, addresses), workdir=workdir, ports=MeshPorts.ephemeral())
     try:
         for name, address in addresses.items():
             config = workdir / f"fleet-{name}.yaml"

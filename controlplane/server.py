@@ -242,7 +242,8 @@ class ControlPlane:
         self.observability.set_model(model)
 
     async def _publish_when_acked(self, version: str, model: MeshModel, build: int) -> None:
-        outcome = await self._envoy_outcome(version, timeout_s=math.inf)
+        # Not latency-critical any more (the caller was told): a slower poll for however long it takes.
+        outcome = await self._envoy_outcome(version, timeout_s=math.inf, poll_s=0.1)
         if outcome.acked and build == self._builds:  # a newer build would have cancelled this task anyway
             log.info("config version %s ACKed late; the pickers now steer by it", version)
             await self._publish_table(model)
@@ -258,7 +259,7 @@ class ControlPlane:
             "each Envoy's version), and until then requests are routed by the previous version"
         )
 
-    async def _envoy_outcome(self, version: str, timeout_s: float) -> EnvoyOutcome:
+    async def _envoy_outcome(self, version: str, timeout_s: float, poll_s: float = 0.01) -> EnvoyOutcome:
         """Wait (bounded) until every connected Envoy ACKed `version`, or one NACKed it."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -273,7 +274,7 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 log.warning("config version %s not yet ACKed by %s after %.0fs", version, ", ".join(behind), timeout_s)
                 return EnvoyOutcome(pending=_nodes_phrase(behind))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(poll_s)
 
     # ------------------------------------------------------------ status
 

@@ -23,7 +23,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 
@@ -114,11 +114,14 @@ def targets_from_table(
             engine = version.engine or "generic"
             if engine not in ENGINES:
                 engine = "generic"
-            readiness = readiness_path(engine, model.name, health.path) if health and health.enabled else ""
-            interval = health.interval_s if health else 5.0
+            probe = health if health is not None and health.enabled else None
             for endpoint in version.endpoints:
                 if endpoint.address not in seen:
-                    seen[endpoint.address] = ScrapeTarget(endpoint.address, engine, path, None, readiness, interval)
+                    target = ScrapeTarget(endpoint.address, engine, path)
+                    if probe is not None:
+                        ready_at = readiness_path(engine, model.name, probe.path)
+                        target = replace(target, readiness_path=ready_at, readiness_interval_s=probe.interval_s)
+                    seen[endpoint.address] = target
     return list(seen.values())
 
 

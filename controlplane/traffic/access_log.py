@@ -115,8 +115,7 @@ def sample_weight(common: accesslog_pb2.AccessLogCommon, status: int, set_flags:
     (logged 1 in ``one_in``), 1 for the rest (always logged). The same test as Envoy's log filter."""
     if one_in <= 1 or status >= LOGGED_STATUS or set_flags:
         return 1
-    pick = common.metadata.filter_metadata.get(PICK_METADATA_NAMESPACE)
-    return 1 if pick is not None and PICK_METADATA_KEY in pick.fields else one_in
+    return 1 if _pick_value(common) is not None else one_in
 
 
 def to_record(
@@ -185,12 +184,17 @@ def to_record(
     )
 
 
-def _picked(common: accesslog_pb2.AccessLogCommon) -> tuple[str, ...]:
-    """The picker's ranked hosts from the request's dynamic metadata ("ip:port,ip:port")."""
+def _pick_value(common: accesslog_pb2.AccessLogCommon) -> str | None:
+    """The picker's pick ("ip:port,ip:port") in the request's dynamic metadata; None without one."""
     pick = common.metadata.filter_metadata.get(PICK_METADATA_NAMESPACE)
     if pick is None or PICK_METADATA_KEY not in pick.fields:
-        return ()
-    return tuple(h.strip() for h in pick.fields[PICK_METADATA_KEY].string_value.split(",") if h.strip())
+        return None
+    return pick.fields[PICK_METADATA_KEY].string_value
+
+
+def _picked(common: accesslog_pb2.AccessLogCommon) -> tuple[str, ...]:
+    """The picker's ranked hosts, best first."""
+    return tuple(h.strip() for h in (_pick_value(common) or "").split(",") if h.strip())
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):
